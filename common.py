@@ -1,0 +1,630 @@
+"""Shared pieces for zeroshot.py, cap.py and coreg.py.
+
+Only what more than one script uses lives here, in the order a reader needs it:
+prompt templates and the dataset table, device/seed helpers, CLIP loading, image features with
+their on-disk cache, the evaluation protocols and metrics, a hand-written K-Means, the LLM call,
+and the results writer. Every function is plain torch and can be copied on its own.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+CACHE_VERSION = 1  # bump when the feature-cache format or preprocessing changes
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing data, weights, bad flag): printed as one line, no traceback."""
+
+
+def run_cli(main):
+    """Entry point wrapper: UserError -> one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Prompt templates
+
+TEMPLATES_SINGLE = ["a photo of a {}."]  # FPL/CAP default (METHODS.md §1.2)
+# "imagenet_templates_small": the 27 templates Co-Reg annotates with (METHODS.md §5.1)
+TEMPLATES_SMALL = [
+    "a photo of a {}.", "a rendering of a {}.", "a cropped photo of the {}.", "the photo of a {}.",
+    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a photo of my {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a photo of the {}.", "a good photo of the {}.", "a photo of one {}.",
+    "a close-up photo of the {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a good photo of a {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "a photo of the large {}.",
+    "a photo of a cool {}.", "a photo of a small {}.",
+]
+
+
+def get_templates(name):
+    """'single' | 'small' (27) | 'imagenet' (the 80 OpenAI ImageNet templates shipped by open_clip)."""
+    if name == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return {"single": TEMPLATES_SINGLE, "small": TEMPLATES_SMALL}[name]
+
+
+# -----------------------------------------------------------------------------
+# Datasets: a table from --data name to a loader returning (samples, labels, classnames).
+# `samples` is anything indexable giving a PIL image or an image path.
+
+EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP (METHODS.md §1.1), in torchvision folder order
+    "annual crop land", "forest", "brushland or shrubland", "highway or road",
+    "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
+    "residential buildings or homes or apartments", "river", "lake or sea"]
+RESISC45_CLASSNAMES = [
+    "airplane", "airport", "baseball diamond", "basketball court", "beach", "bridge", "chaparral",
+    "church", "circular farmland", "cloud", "commercial area", "dense residential", "desert", "forest",
+    "freeway", "golf course", "ground track field", "harbor", "industrial area", "intersection",
+    "island", "lake", "meadow", "medium residential", "mobile home park", "mountain", "overpass",
+    "palace", "parking lot", "railway", "railway station", "rectangular farmland", "river",
+    "roundabout", "runway", "sea ice", "ship", "snowberg", "sparse residential", "stadium",
+    "storage tank", "tennis court", "terrace", "thermal power station", "wetland"]
+
+
+def seeded_split(n, test_frac, seed):
+    """Deterministic train/test index split for datasets that ship without one. -> (train_idx, test_idx)"""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(round(n * test_frac))
+    return sorted(perm[n_test:]), sorted(perm[:n_test])
+
+
+def _require(path, what, flag="--data-dir"):
+    if not Path(path).exists():
+        raise UserError(f"{what} not found at {path}; pass {flag} pointing at it (or --download where supported)")
+
+
+def _torchvision(cls, root, download, **kw):
+    """Build a torchvision dataset, turning its 'not found' errors into one-line UserErrors."""
+    try:
+        return cls(root=root, download=download, **kw)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        hint = "" if download else " (add --download to fetch it)"
+        raise UserError(f"{cls.__name__} not available under {root}: {str(e).splitlines()[0]}{hint}")
+
+
+def _tv_pair(cls, root, download, names, train_kw, test_kw):
+    """(samples, labels) for a torchvision dataset with several official parts per split."""
+    out = []
+    for kws in (train_kw, test_kw):
+        samples, labels = [], []
+        for kw in kws:
+            ds = _torchvision(cls, root, download, **kw)
+            samples += [str(p) for p in ds._image_files]
+            labels += list(ds._labels)
+        out.append((samples, torch.tensor(labels)))
+    return out, names or ds.classes
+
+
+def _load_dtd(root, download):
+    parts, names = _tv_pair(__import__("torchvision").datasets.DTD, root, download, None,
+                            [dict(split="train"), dict(split="val")], [dict(split="test")])
+    return parts, [n.replace("_", " ") for n in names]
+
+
+def _load_flowers(root, download):
+    from torchvision.datasets import Flowers102
+    return _tv_pair(Flowers102, root, download, Flowers102.classes,
+                    [dict(split="train"), dict(split="val")], [dict(split="test")])
+
+
+def _load_aircraft(root, download):
+    from torchvision.datasets import FGVCAircraft
+    return _tv_pair(FGVCAircraft, root, download, None, [dict(split="trainval")], [dict(split="test")])
+
+
+def _folder_samples(root):
+    """(paths, labels, classnames) of an ImageFolder-style tree root/<class>/<image>."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist; pass --data-dir PATH to a root/<class>/<image> tree")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    ext = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in ext)
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise UserError(f"image folder {root} holds no images in class sub-folders; expected root/<class>/<image>")
+    return paths, torch.tensor(labels), classes
+
+
+def _split_folder(root, seed=0):
+    """root/{train,test}/<class>/... if present, otherwise a seeded 80/20 split of root/<class>/..."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        p_tr, y_tr, names = _folder_samples(root / "train")
+        p_te, y_te, _ = _folder_samples(root / "test")
+        return [(p_tr, y_tr), (p_te, y_te)], names
+    paths, labels, names = _folder_samples(root)
+    tr, te = seeded_split(len(paths), 0.2, seed)
+    return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
+
+
+def _load_eurosat(root, download):
+    from torchvision.datasets import EuroSAT
+    ds = _torchvision(EuroSAT, root, download)
+    paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
+    tr, te = seeded_split(len(paths), 0.2, seed=0)  # Co-Reg: random 80/20 (seeded here, unseeded there)
+    names = EUROSAT_CLASSNAMES if ds.classes[0] == "AnnualCrop" else ds.classes
+    return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
+
+
+def _load_resisc45(root, download):
+    base = Path(root) / "NWPU-RESISC45"
+    _require(base, "RESISC45 (root/NWPU-RESISC45/<class>/<image>.jpg)")
+    parts, _ = _split_folder(base)
+    return parts, RESISC45_CLASSNAMES
+
+
+def _load_cub(root, download):
+    base = Path(root) / "CUB_200_2011"
+    _require(base / "images.txt", "CUB-200-2011 (root/CUB_200_2011/images.txt, images/, train_test_split.txt)")
+    files = [l.split()[1] for l in (base / "images.txt").read_text().splitlines()]
+    is_train = [l.split()[1] == "1" for l in (base / "train_test_split.txt").read_text().splitlines()]
+    classes = [l.split()[1] for l in (base / "classes.txt").read_text().splitlines()]  # "001.Black_footed_Albatross"
+    labels = torch.tensor([int(f.split(".")[0]) - 1 for f in files])
+    parts = []
+    for keep in (True, False):
+        idx = [i for i, t in enumerate(is_train) if t == keep]
+        parts.append(([str(base / "images" / files[i]) for i in idx], labels[idx]))
+    return parts, [c.split(".", 1)[1].replace("_", " ").lower() for c in classes]
+
+
+def _load_small_tv(name):
+    """Co-Reg's small-image datasets (METHODS.md §5), each with its official train/test split."""
+    def load(root, download):
+        import torchvision.datasets as D
+        cls, kw_tr, kw_te = {
+            "cifar10": (D.CIFAR10, dict(train=True), dict(train=False)),
+            "cifar100": (D.CIFAR100, dict(train=True), dict(train=False)),
+            "fashion_mnist": (D.FashionMNIST, dict(train=True), dict(train=False)),
+            "svhn": (D.SVHN, dict(split="train"), dict(split="test")),
+            "gtsrb": (D.GTSRB, dict(split="train"), dict(split="test")),
+            "fer2013": (D.FER2013, dict(split="train"), dict(split="test")),
+        }[name]
+        parts = []
+        for kw in (kw_tr, kw_te):
+            ds = _torchvision(cls, root, False if name == "fer2013" else download, **kw)
+            labels = [ds[i][1] for i in range(len(ds))] if name in ("gtsrb", "fer2013") else \
+                (ds.labels if name == "svhn" else ds.targets)
+            parts.append((ds, torch.as_tensor(labels)))
+        names = getattr(ds, "classes", None) or SMALL_CLASSNAMES[name]
+        return parts, list(names)
+    return load
+
+
+SMALL_CLASSNAMES = {
+    "svhn": [str(i) for i in range(10)],
+    "fer2013": ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"],
+    "gtsrb": [f"traffic sign {i}" for i in range(43)],  # torchvision ships no GTSRB names
+}
+
+
+def _load_folder(root, download):
+    return _split_folder(root)
+
+
+def _load_synthetic(root, download):
+    """4 classes of coloured noise, 64 train / 32 test 32-px images, fixed generation seed. For tests."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=torch.float)
+    parts = []
+    for n in (64, 32):
+        labels = torch.arange(n) % 4
+        pix = colours[labels][:, :, None, None] + 40 * torch.randn(n, 3, 32, 32, generator=g)
+        pix = pix.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        parts.append(([Image.fromarray(p) for p in pix], labels))
+    return parts, ["red", "green", "blue", "yellow"]
+
+
+def _load_demo(root, download):
+    import demo  # the offline demo world (demo.py)
+    return demo.load_demo_dataset()
+
+
+DATASETS = {  # name -> loader(root, download) -> ([(train_samples, labels), (test_samples, labels)], classnames)
+    "dtd": _load_dtd, "eurosat": _load_eurosat, "flowers102": _load_flowers,
+    "fgvc_aircraft": _load_aircraft, "resisc45": _load_resisc45, "cub": _load_cub,
+    **{n: _load_small_tv(n) for n in ("cifar10", "cifar100", "svhn", "fashion_mnist", "gtsrb", "fer2013")},
+    "folder": _load_folder, "synthetic": _load_synthetic, "demo": _load_demo,
+}
+
+
+def load_dataset(name, data_dir="data", download=False):
+    """-> (train_samples, train_labels [N], test_samples, test_labels [M], classnames)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
+    ((train, y_train), (test, y_test)), classnames = DATASETS[name](data_dir, download)
+    return train, y_train, test, y_test, list(classnames)
+
+
+class ImageList(Dataset):
+    """Indexable (image, label, index) with a transform; reads paths lazily, names unreadable files."""
+
+    def __init__(self, samples, labels, transform):
+        self.samples, self.labels, self.transform = samples, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.samples[i]
+        if isinstance(img, tuple):  # torchvision datasets return (image, label)
+            img = img[0]
+        if isinstance(img, str):
+            from PIL import Image
+            try:
+                img = Image.open(img).convert("RGB")
+            except Exception as e:  # unreadable image: stop and name it (documented choice)
+                raise UserError(f"cannot read image {img}: {e}") from None
+        elif hasattr(img, "convert"):
+            img = img.convert("RGB")
+        return self.transform(img), int(self.labels[i]), i
+
+
+# -----------------------------------------------------------------------------
+# Evaluation protocols (METHODS.md §1.2)
+
+def protocol_ssl(labels, num_classes, shots=2, seed=0):
+    """SSL: `shots` labeled images per class (seed 0 as released). -> labeled index tensor."""
+    rng = np.random.RandomState(seed)
+    idx = [rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False) for c in range(num_classes)]
+    return torch.as_tensor(np.concatenate(idx))
+
+
+def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
+    """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
+    if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
+        raise UserError(f"TRZSL needs at least one seen and one unseen class; {num_classes} classes is too few")
+    rng = np.random.RandomState(split_seed)
+    seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
+    unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
+    return seen, unseen
+
+
+# -----------------------------------------------------------------------------
+# Device and seeds
+
+def get_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device):
+    """fp16 autocast on CUDA only; CPU runs in float32 (nanoGPT's `ctx`)."""
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+TINY_CONFIG = {  # a 2-layer, width-64, 32-px CLIP for tests and the demo world (~3.4 M parameters)
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def register_tiny():
+    import open_clip
+    if "tiny" not in open_clip.list_models():
+        path = Path(tempfile.mkdtemp()) / "tiny.json"
+        path.write_text(json.dumps(TINY_CONFIG))
+        open_clip.add_model_config(path)
+
+
+def _hub_reachable(host="huggingface.co", timeout=3.0):
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _go_offline():
+    import logging
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
+    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
+
+
+def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
+    """-> (model in eval mode, preprocess, tokenizer). `pretrained`: open_clip tag, local file, or 'none'."""
+    import open_clip
+    register_tiny()
+    if model_name not in open_clip.list_models():
+        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models() or 'tiny'")
+    tag = None if pretrained in (None, "", "none") else pretrained
+    if tag and not os.path.isfile(tag) and tag not in open_clip.list_pretrained_tags_by_model(model_name):
+        if os.path.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise UserError(f"weights file {tag} not found; check --pretrained <file>")
+        raise UserError(f"'{tag}' is not a pretrained tag of {model_name} "
+                        f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>")
+    if tag and not os.path.isfile(tag) and not _hub_reachable():
+        _go_offline()  # use the local Hugging Face cache only, instead of a minute of retries
+    torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag, device=device)
+    except RuntimeError as e:
+        if "download" in str(e).lower() or "connect" in str(e).lower():
+            raise UserError(f"could not download CLIP weights '{tag}' for {model_name} (offline?); "
+                            f"pass --pretrained <local weights file>") from None
+        raise
+    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+@torch.no_grad()
+def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
+    """Template-averaged text classifier (CLIP's prompt ensembling). -> [C, D], L2-normalised float32."""
+    device = torch.device(device)
+    weights = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)  # [T, L]
+        with autocast(device):
+            emb = F.normalize(model.encode_text(tokens).float(), dim=-1)  # [T, D]
+        weights.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(weights)  # [C, D]
+
+
+def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache"):
+    """Resolve --clip-model/--pretrained defaults: ViT-B-32/openai, or the demo world's own tiny CLIP."""
+    if data == "demo" and clip_model in (None, "tiny") and pretrained in (None, "demo"):
+        import demo
+        return "tiny", str(demo.pretrained_clip(cache_dir))
+    return clip_model or "ViT-B-32", pretrained or "openai"
+
+
+# -----------------------------------------------------------------------------
+# Image features and their cache
+
+def cache_path(cache_dir, data, split, model_name, pretrained, view="eval"):
+    """File name keyed by dataset, split, model, pretrained (hashed when it is a file), view, format."""
+    p = str(pretrained)
+    if os.path.isfile(p):
+        st = os.stat(p)
+        p = Path(p).stem + "-" + hashlib.sha1(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    key = f"{data}_{split}_{model_name}_{p}_{view}_v{CACHE_VERSION}".replace("/", "-")
+    return Path(cache_dir) / f"{key}.pt"
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_cached(path, keys):
+    """Load a cache file with weights_only=True; None (with a one-line warning) if missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or any(k not in obj for k in keys):
+            raise ValueError("missing keys")
+        return obj
+    except Exception as e:
+        print(f"warning: cache {path.name} is unreadable ({type(e).__name__}); recomputing", file=sys.stderr)
+        return None
+
+
+@torch.no_grad()
+def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache_file=None, quiet=False):
+    """Encode a dataset of (image, label, index). -> (features [N, D] float32 L2-normalised, labels [N]).
+
+    With `cache_file`, a valid cache is loaded instead (one line printed) and a fresh result is saved.
+    """
+    if cache_file is not None:
+        hit = load_cached(cache_file, ("features", "labels"))
+        if hit is not None and len(hit["labels"]) == len(dataset):
+            print(f"feature cache hit: {Path(cache_file).name}")
+            return hit["features"], hit["labels"]
+    from tqdm import tqdm
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for images, y, _ in tqdm(loader, desc="encode", disable=quiet or not sys.stdout.isatty()):
+        with autocast(device):
+            f = model.encode_image(images.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())  # [B, D]
+        labels.append(y)
+    features, labels = torch.cat(feats), torch.cat(labels)  # [N, D], [N]
+    if cache_file is not None:
+        save_atomic({"features": features, "labels": labels, "version": CACHE_VERSION}, cache_file)
+    return features, labels
+
+
+def add_common_args(p):
+    """The flags every script shares, with the same names and meanings (STYLE.md §16)."""
+    # data
+    p.add_argument("--data", default="dtd", choices=sorted(DATASETS), help="dataset name")
+    p.add_argument("--data-dir", default="data", help="root folder holding the datasets")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    # CLIP
+    p.add_argument("--clip-model", default=None, help="open_clip model (default ViT-B-32; tiny for --data demo)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag (default openai), a local weights file, or none (random init)")
+    # system
+    p.add_argument("--seed", type=int, default=1, help="optimisation seed (CAP runs seeds 1-3)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (method default if unset)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--cache-dir", default="cache", help="feature, weight and LLM response cache")
+    p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache")
+    p.add_argument("--out-dir", default=None, help="where results.json goes (default runs/<script>-<data>-...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def prepare(args, device, transform=None):
+    """Load the dataset and CLIP, then encode both splits once (cached). -> dict of everything scripts share."""
+    train, y_train, test, y_test, classnames = load_dataset(args.data, args.data_dir, args.download)
+    model_name, pretrained = clip_choice(args.data, args.clip_model, args.pretrained, args.cache_dir)
+    model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
+    feats = {}
+    for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
+        cache = None if args.no_cache else cache_path(args.cache_dir, args.data, split, model_name, pretrained)
+        feats[split] = encode_images(model, ImageList(samples, labels, transform or preprocess), device,
+                                     workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
+    return dict(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
+                model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=model_name,
+                pretrained=pretrained, f_train=feats["train"], f_test=feats["test"])
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def accuracy(pred, labels):
+    return (pred == labels).float().mean().item() if len(labels) else float("nan")
+
+
+def per_class_accuracy(pred, labels, num_classes):
+    """-> [C] accuracy per class (NaN for classes absent from `labels`)."""
+    hit = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
+    count = torch.bincount(labels, minlength=num_classes).float()
+    return hit / count
+
+
+def harmonic_mean(a, b):
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Results
+
+def versions():
+    import open_clip
+    import torchvision
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        pass
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "open_clip": open_clip.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "git_commit": commit}
+
+
+def write_results(out_dir, config, metrics, start_time, extra=None):
+    """results.json = {config, metrics, elapsed_s, versions, **extra}, written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"config": config, "metrics": metrics, "elapsed_s": round(time.time() - start_time, 2),
+           "versions": versions(), **(extra or {})}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2, default=float))
+    os.replace(tmp, out / "results.json")
+    return out / "results.json"
+
+
+# -----------------------------------------------------------------------------
+# K-Means (hand-written, device-agnostic; CAP §3.1 runs it once per removed class)
+
+def _sq_dists(x, c, chunk):
+    """Squared distances |x|² − 2x·cᵀ + |c|² in row chunks. -> (nearest [N], its distance [N])."""
+    c_sq = (c * c).sum(1)  # [K]
+    assign, dist = [], []
+    for xb in x.split(chunk):  # memory stays O(chunk * K)
+        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq  # [B, K]
+        m, a = d.min(1)
+        assign.append(a)
+        dist.append(m.clamp_min_(0))
+    return torch.cat(assign), torch.cat(dist)  # [N], [N]
+
+
+def _kmeans_pp(x, k, g, chunk):
+    """k-means++ seeding: each new centre sampled with probability ∝ squared distance to the nearest one."""
+    n = x.shape[0]
+    idx = [torch.randint(n, (1,), generator=g, device=x.device).item()]
+    d2 = _sq_dists(x, x[idx], chunk)[1]  # [N]
+    for _ in range(1, k):
+        w = d2 if d2.sum() > 0 else torch.ones_like(d2)  # all points already covered (duplicates)
+        i = torch.multinomial(w, 1, generator=g).item()
+        idx.append(i)
+        d2 = torch.minimum(d2, _sq_dists(x, x[i:i + 1], chunk)[1])
+    return x[idx].clone()  # [K, D]
+
+
+def _update_centroids(x, assign, dist, c, spherical):
+    """Mean of each cluster via index_add_; empty clusters re-seeded at the points farthest from their centre."""
+    k = c.shape[0]
+    sums = torch.zeros_like(c).index_add_(0, assign, x)  # [K, D]
+    counts = torch.bincount(assign, minlength=k).to(x.dtype)  # [K]
+    new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty):  # explicit re-seed, never NaN and never the origin
+        far = dist.topk(min(len(empty), len(dist))).indices
+        new[empty[:len(far)]] = x[far]
+    if spherical:
+        norm = new.norm(dim=1, keepdim=True)
+        new = torch.where(norm > 1e-12, new / norm.clamp_min(1e-12), c)  # antipodal mean: keep old centre
+    return new
+
+
+def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4096):
+    """Lloyd's K-Means with k-means++ seeding, in torch on x's device.
+
+    x [N, D] float; k clusters; stops after n_iter updates or when the relative inertia drop < tol.
+    spherical=True: for L2-normalised features, centroids re-normalised (cosine K-Means).
+    Returns (centroids [k, D], assign [N], inertia_history list of floats); best of n_init seeds.
+    """
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans: k={k} clusters needs 1 <= k <= number of points ({n})")
+    x = x.float()
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        c = _kmeans_pp(x, k, g, chunk)
+        if spherical:
+            c = F.normalize(c, dim=1)
+        assign, dist = _sq_dists(x, c, chunk)
+        history = [dist.sum().item()]
+        for _ in range(n_iter):
+            c = _update_centroids(x, assign, dist, c, spherical)
+            assign, dist = _sq_dists(x, c, chunk)
+            history.append(dist.sum().item())
+            if history[-2] - history[-1] <= tol * max(history[-2], 1e-30):
+                break
+        if best is None or history[-1] < best[2][-1]:
+            best = (c, assign, history)
+    return best

@@ -1,0 +1,73 @@
+"""Zero-shot CLIP: the baseline CAP and Co-Reg are measured against.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (arXiv 2103.00020).
+Classifies each image by the cosine between its CLIP embedding and the template-averaged text
+embedding of every class name. On the training pool it also reports what the two methods start
+from: pseudolabel accuracy and the per-class prediction counts (the imbalance CAP attacks).
+
+    python zeroshot.py --data dtd
+    python zeroshot.py --data eurosat --templates small
+    python zeroshot.py --data demo                       # offline demo world
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(p)
+    p.add_argument("--templates", default="single", choices=["single", "small", "imagenet"],
+                   help="prompt set: 'a photo of a {}.' (FPL/CAP), the 27 small or the 80 ImageNet templates")
+    return p.parse_args(argv)
+
+
+def prediction_counts(pred, num_classes):
+    """How many pool images zero-shot assigns to each class. -> [C]"""
+    return torch.bincount(pred, minlength=num_classes)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    config = vars(args)
+    print(json.dumps(config))
+    device = common.get_device(args.device)
+    d = common.prepare(args, device)
+    classnames = d["classnames"]
+    C = len(classnames)
+
+    # zero-shot classifier: one template-averaged text embedding per class
+    W = common.zero_shot_weights(d["model"], d["tokenizer"], classnames, common.get_templates(args.templates),
+                                 device).cpu()  # [C, D]
+    pred_test = (d["f_test"] @ W.T).argmax(1)  # [M]
+    pred_train = (d["f_train"] @ W.T).argmax(1)  # [N]: the pseudolabels both methods start from
+
+    counts = prediction_counts(pred_train, C)
+    acc = common.accuracy(pred_test, d["y_test"])
+    pl_acc = common.accuracy(pred_train, d["y_train"])
+    per_class = common.per_class_accuracy(pred_test, d["y_test"], C)
+    print("per-class zero-shot predictions on the train pool (true count -> predicted count):")
+    true_counts = torch.bincount(d["y_train"], minlength=C)
+    for c in counts.argsort().tolist():
+        print(f"  {classnames[c]:>32s}  {true_counts[c].item():5d} -> {counts[c].item():5d}"
+              f"  test acc {100 * per_class[c].item():5.1f}")
+    metrics = {"test_acc": acc, "pseudolabel_acc": pl_acc,
+               "pred_count_min": counts.min().item(), "pred_count_max": counts.max().item(),
+               "classes_never_predicted": int((counts == 0).sum())}
+    out_dir = args.out_dir or f"runs/zeroshot-{args.data}-{args.templates}"
+    path = common.write_results(out_dir, config, metrics, start, extra={
+        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]},
+        "prediction_counts": dict(zip(classnames, counts.tolist())),
+        "per_class_test_acc": dict(zip(classnames, per_class.tolist()))})
+    print(f"zero-shot | test acc {100 * acc:.2f} | pseudolabel acc {100 * pl_acc:.2f} | "
+          f"pred count min {metrics['pred_count_min']} max {metrics['pred_count_max']} | {path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
