@@ -499,9 +499,12 @@ def prepare(args, device, transform=None):
     train, y_train, test, y_test, classnames = load_dataset(args.data, args.data_dir, args.download)
     model_name, pretrained = clip_choice(args.data, args.clip_model, args.pretrained, args.cache_dir)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
+    data_key = args.data  # a folder dataset is keyed by its path too: two folders must not share a cache
+    if args.data == "folder":
+        data_key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
     feats = {}
     for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
-        cache = None if args.no_cache else cache_path(args.cache_dir, args.data, split, model_name, pretrained)
+        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split, model_name, pretrained)
         feats[split] = encode_images(model, ImageList(samples, labels, transform or preprocess), device,
                                      workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
     return dict(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
@@ -559,43 +562,41 @@ def write_results(out_dir, config, metrics, start_time, extra=None):
 # -----------------------------------------------------------------------------
 # K-Means (hand-written, device-agnostic; CAP §3.1 runs it once per removed class)
 
-def _sq_dists(x, c, chunk):
-    """Squared distances |x|² − 2x·cᵀ + |c|² in row chunks. -> (nearest [N], its distance [N])."""
+def _sq_dists(x, x_sq, c, chunk):
+    """Nearest centroid of every row, from |x|² − 2x·cᵀ + |c|² in row chunks. -> (assign [N], sq. distance [N])"""
     c_sq = (c * c).sum(1)  # [K]
-    assign, dist = [], []
-    for xb in x.split(chunk):  # memory stays O(chunk * K)
-        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq  # [B, K]
-        m, a = d.min(1)
-        assign.append(a)
-        dist.append(m.clamp_min_(0))
-    return torch.cat(assign), torch.cat(dist)  # [N], [N]
+    assign = torch.empty(len(x), dtype=torch.long, device=x.device)  # [N]
+    dist = torch.empty(len(x), dtype=x.dtype, device=x.device)  # [N]
+    for s in range(0, len(x), chunk):  # memory stays O(chunk * K)
+        d = torch.addmm(c_sq, x[s:s + chunk], c.T, alpha=-2)  # [B, K] |c|² − 2x·cᵀ; |x|² does not move the argmin
+        torch.min(d, 1, out=(dist[s:s + chunk], assign[s:s + chunk]))
+    return assign, dist.add_(x_sq).clamp_min_(0)  # float32 round-off can dip just below 0
 
 
-def _kmeans_pp(x, k, g, chunk):
-    """k-means++ seeding: each new centre sampled with probability ∝ squared distance to the nearest one."""
-    n = x.shape[0]
-    idx = [torch.randint(n, (1,), generator=g, device=x.device).item()]
-    d2 = _sq_dists(x, x[idx], chunk)[1]  # [N]
-    for _ in range(1, k):
-        w = d2 if d2.sum() > 0 else torch.ones_like(d2)  # all points already covered (duplicates)
-        i = torch.multinomial(w, 1, generator=g).item()
-        idx.append(i)
-        d2 = torch.minimum(d2, _sq_dists(x, x[i:i + 1], chunk)[1])
+def _kmeans_pp(x, x_sq, k, g):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is a point drawn with probability
+    ∝ its squared distance to the nearest centre so far. One matrix-vector product per centre. -> [K, D]"""
+    idx = torch.zeros(k, dtype=torch.long, device=x.device)  # [K]
+    d2 = torch.ones_like(x_sq)  # [N] squared distance to the nearest chosen centre; uniform for the first
+    for j in range(k):
+        w = torch.where(d2.sum() > 0, d2, torch.ones_like(d2))  # every point on a centre (duplicates): uniform
+        idx[j] = torch.multinomial(w, 1, generator=g)[0]
+        d_new = torch.addmv(x_sq + x_sq[idx[j]], x, x[idx[j]], alpha=-2).clamp_min_(0)  # [N] |x|² − 2x·xⱼ + |xⱼ|²
+        d2 = d_new if j == 0 else torch.minimum(d2, d_new)
+        d2[idx[j]] = 0  # exactly 0 for the chosen point itself (round-off would let it be drawn again)
     return x[idx].clone()  # [K, D]
 
 
 def _update_centroids(x, assign, dist, c, spherical):
     """Mean of each cluster via index_add_; empty clusters re-seeded at the points farthest from their centre."""
-    k = c.shape[0]
     sums = torch.zeros_like(c).index_add_(0, assign, x)  # [K, D]
-    counts = torch.bincount(assign, minlength=k).to(x.dtype)  # [K]
-    new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-    empty = (counts == 0).nonzero().flatten()
+    counts = torch.bincount(assign, minlength=len(c))  # [K]
+    new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
+    empty = (counts == 0).nonzero().flatten()  # [E], E <= K <= N
     if len(empty):  # explicit re-seed, never NaN and never the origin
-        far = dist.topk(min(len(empty), len(dist))).indices
-        new[empty[:len(far)]] = x[far]
+        new[empty] = x[dist.topk(len(empty)).indices]
     if spherical:
-        norm = new.norm(dim=1, keepdim=True)
+        norm = new.norm(dim=1, keepdim=True)  # [K, 1]
         new = torch.where(norm > 1e-12, new / norm.clamp_min(1e-12), c)  # antipodal mean: keep old centre
     return new
 
@@ -603,7 +604,8 @@ def _update_centroids(x, assign, dist, c, spherical):
 def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4096):
     """Lloyd's K-Means with k-means++ seeding, in torch on x's device.
 
-    x [N, D] float; k clusters; stops after n_iter updates or when the relative inertia drop < tol.
+    x [N, D] float; k clusters; stops after n_iter updates, when no assignment changes, or when the
+    relative inertia drop is <= tol (tol=0: only at convergence).
     spherical=True: for L2-normalised features, centroids re-normalised (cosine K-Means).
     Returns (centroids [k, D], assign [N], inertia_history list of floats); best of n_init seeds.
     """
@@ -611,20 +613,209 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4
     if not 1 <= k <= n:
         raise ValueError(f"kmeans: k={k} clusters needs 1 <= k <= number of points ({n})")
     x = x.float()
+    x_sq = torch.linalg.vector_norm(x, dim=1) ** 2  # [N], without an [N, D] temporary
     g = torch.Generator(device=x.device).manual_seed(seed)
     best = None
     for _ in range(n_init):
-        c = _kmeans_pp(x, k, g, chunk)
+        c = _kmeans_pp(x, x_sq, k, g)  # [K, D]
         if spherical:
             c = F.normalize(c, dim=1)
-        assign, dist = _sq_dists(x, c, chunk)
-        history = [dist.sum().item()]
+        assign, dist = _sq_dists(x, x_sq, c, chunk)  # [N], [N]
+        history = [dist.sum(dtype=torch.float64).item()]
         for _ in range(n_iter):
             c = _update_centroids(x, assign, dist, c, spherical)
-            assign, dist = _sq_dists(x, c, chunk)
-            history.append(dist.sum().item())
-            if history[-2] - history[-1] <= tol * max(history[-2], 1e-30):
+            prev, (assign, dist) = assign, _sq_dists(x, x_sq, c, chunk)
+            history.append(dist.sum(dtype=torch.float64).item())
+            if torch.equal(assign, prev) or history[-2] - history[-1] <= tol * history[-2]:
                 break
         if best is None or history[-1] < best[2][-1]:
             best = (c, assign, history)
     return best
+
+
+# -----------------------------------------------------------------------------
+# LLM class descriptions (CAP §3.1), one plain HTTP request with `requests`
+
+class LLMError(Exception):
+    """The LLM server gave no usable answer (unreachable, refused, malformed); callers may fall back."""
+
+
+def _snippet(text):
+    """First 160 chars of a reply on one line, with the API key blanked should a server echo it."""
+    s, key = " ".join(text.split())[:160], os.environ.get("OPENAI_API_KEY")
+    return repr(s.replace(key, "***") if key else s)
+
+
+def _parse_choices(text, endpoint):
+    """Chat-completions JSON -> the non-empty message contents, one per choice."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise LLMError(f"{endpoint} returned malformed JSON: {_snippet(text)}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise LLMError(f"{endpoint} reply has no 'choices': {_snippet(text)}")
+    msgs = [c.get("message") for c in choices if isinstance(c, dict)]
+    contents = [m.get("content") for m in msgs if isinstance(m, dict)]
+    contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
+    if not contents:
+        raise LLMError(f"{endpoint} returned {len(choices)} choice(s), all with empty content")
+    return contents
+
+
+def _chat_once(endpoint, body, headers, timeout, max_bytes):
+    """One POST -> (contents, None), or (None, why) for a failure worth retrying (network, 429, 5xx).
+    Failures a retry cannot fix raise LLMError. The body is streamed and dropped past max_bytes."""
+    import requests  # only the LLM path needs it
+    try:
+        with requests.post(endpoint, json=body, headers=headers, timeout=timeout, stream=True) as r:
+            raw, deadline = bytearray(), time.monotonic() + timeout
+            for chunk in r.iter_content(1 << 16):
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise LLMError(f"reply from {endpoint} is over {max_bytes} bytes; stopped reading")
+                if time.monotonic() > deadline:  # `timeout` is per read: bound the whole body too
+                    return None, f"timed out after {timeout:g}s"
+            status, ctype = r.status_code, r.headers.get("Content-Type", "").lower()
+    except requests.Timeout:
+        return None, f"timed out after {timeout:g}s"
+    except requests.ConnectionError as e:  # requests reports a read timeout mid-body as a ConnectionError
+        if "timed out" in str(e).lower():
+            return None, f"timed out after {timeout:g}s"
+        return None, "cannot connect (is the server running at this URL?)"
+    except requests.RequestException as e:  # `from None` keeps the request (and its headers) out
+        raise LLMError(f"request to {endpoint} failed ({type(e).__name__})") from None
+    text = raw.decode("utf-8", "replace")
+    if status == 429 or status >= 500:
+        return None, f"HTTP {status}"
+    if status in (401, 403):
+        raise LLMError(f"HTTP {status} from {endpoint}: not authorised, check OPENAI_API_KEY")
+    if "html" in ctype or text.lstrip().startswith("<"):
+        raise LLMError(f"{endpoint} sent an HTML page (HTTP {status}), not JSON: is it an OpenAI-compatible server?")
+    if status != 200:
+        raise LLMError(f"HTTP {status} from {endpoint}: {_snippet(text)}")
+    return _parse_choices(text, endpoint), None
+
+
+def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
+                 max_bytes=1_000_000, backoff=0.5):
+    """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts.
+
+    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer than n choices; we return what came.
+    retries counts attempts in all; network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s), so
+    the worst case is about timeout × retries + backoff. Any other failure raises LLMError at once.
+    The key comes from $OPENAI_API_KEY, is sent only when set, and is never logged, cached or raised.
+    With cache_dir, replies go to cache_dir/llm/<sha256 of the request>.json and reruns are offline.
+    """
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    cache_file = Path(cache_dir) / "llm" / f"{digest}.json" if cache_dir is not None else None
+    if cache_file is not None and cache_file.exists():
+        try:
+            contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
+            if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
+                return contents
+            raise ValueError("'contents' is not a list of strings")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"warning: LLM cache {cache_file.name} is unreadable ({type(e).__name__}); asking again", file=sys.stderr)
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+    base = url.rstrip("/")
+    endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+    attempts = max(1, retries)
+    for i in range(attempts):
+        contents, why = _chat_once(endpoint, body, headers, timeout, max_bytes)
+        if contents is not None:
+            break
+        if i + 1 < attempts:
+            wait = min(backoff * 2 ** i, 8.0)  # 0.5, 1, 2, ... s by default
+            print(f"LLM: {why}; retry {i + 1}/{attempts - 1} in {wait:g}s", file=sys.stderr)
+            time.sleep(wait)
+    else:
+        raise LLMError(f"{endpoint}: {why} (after {attempts} attempts)")
+    if cache_file is not None:  # temp file + rename: never a half-written cache
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({**body, "contents": contents}, f, indent=1)
+        os.replace(tmp, cache_file)
+    return contents
+
+
+# The paper does not publish its prompt (METHODS.md, LLM descriptions); this one is ours.
+DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
+                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
+
+
+def parse_descriptions(text):
+    """Reply -> descriptions, from a JSON array or numbered/bulleted lines (other lines ignored; with no
+    list markers at all, every non-empty line counts). Stripped, de-duplicated ignoring case, no empties."""
+    import re
+    body = re.sub(r"^```\w*|```$", "", text.strip()).strip()  # a markdown code fence around the answer
+    try:
+        items = json.loads(body)
+        items = [str(s) for s in items] if isinstance(items, list) else [body]
+    except ValueError:
+        lines = [l.strip() for l in body.splitlines() if l.strip()]
+        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
+    return _dedupe(s.strip().strip("\"'").strip() for s in items)
+
+
+def _dedupe(items):
+    """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
+    out = {}
+    for s in items:
+        if s:
+            out.setdefault(s.lower(), s)
+    return list(out.values())
+
+
+def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
+    """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class; when the server sends several
+    choices their lists are merged in order. kw goes to llm_complete (timeout, retries, temperature, ...)."""
+    out = {}
+    for name in classnames:
+        article = "an" if domain[:1].lower() in "aeiou" else "a"
+        prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
+        replies = llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
+        out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
+    return out
+
+
+def load_descriptions(path):
+    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, not a {type(data).__name__}")
+    out = {}
+    for name, v in data.items():
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
+        out[name] = [s.strip() for s in v if s.strip()]
+    return out
+
+
+def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None):
+    """Offline-use policy: --descriptions FILE wins; else ask the LLM at --llm-url. If that fails, or neither
+    is given, print one warning and return {}: the method goes on with class-name prompts only."""
+    if descriptions_file:
+        found = load_descriptions(descriptions_file)
+        if set(found) - set(classnames):
+            print(f"warning: {descriptions_file}: ignoring unknown classes {sorted(set(found) - set(classnames))[:3]}", file=sys.stderr)
+        return {c: d for c, d in found.items() if c in classnames and d}
+    if not url:
+        print("warning: no class descriptions (give --llm-url/--llm-model for an OpenAI-compatible server, "
+              "or --descriptions FILE); going on with class-name prompts", file=sys.stderr)
+        return {}
+    if not model:
+        raise UserError("--llm-url needs --llm-model (the model name the server serves)")
+    try:
+        return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
+    except LLMError as e:
+        print(f"warning: no LLM class descriptions ({e}); going on with class-name prompts", file=sys.stderr)
+        return {}

@@ -1,0 +1,539 @@
+"""CAP: Handling Imbalanced Pseudolabels for Vision-Language Models with Concept Alignment and
+Confusion-Aware Calibrated Margin (Wang et al., ICML 2025, arXiv 2505.02056).
+
+CLIP's zero-shot pseudolabels are imbalanced for two reasons, and CAP treats each one:
+  §3.1 concept mismatch: some class names do not match their images at all. Iterative K-Means on
+       the image features removes the best-matched (class, cluster) pair until t classes remain;
+       those that are also among the t least-predicted are "mismatched". An LLM describes each of
+       them; the description nearest the leftover image cluster relabels that class's images.
+  §3.2 concept confusion: a margin matrix M = S ⊙ m, from class similarity S and how rarely each
+       class is predicted, is added to the non-target logits of a margin cross-entropy.
+  §3.3 MaPLe prompt tuning with three residual adapters: the main visual adapter learns from the
+       high-precision pseudolabels D_PL, the pseudo adapter from FixMatch-style pseudolabels on
+       the unlabeled pool, a text adapter from both; all adapters are off at inference.
+
+    python cap.py --data dtd --mode ul
+    python cap.py --data eurosat --mode trzsl --llm-url http://localhost:11434 --llm-model llama3.1
+    python cap.py --data demo --mode ul          # offline demo world, CPU, a few minutes
+"""
+import argparse
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+import common
+
+# Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
+DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
+                    "demo": {"mismatch_t": 2}}
+DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image",
+           "flowers102": "flower", "fgvc_aircraft": "aircraft", "cub": "bird", "demo": "synthetic pattern image"}
+LOGIT_SCALE = 100.0  # z = 100·<v, t> as in CLIP and the released code (METHODS.md §4.4)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CAP (ICML 2025)")
+    common.add_common_args(p)
+    p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="paper setting (METHODS.md §1.2)")
+    p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
+    # §3.1 concept alignment
+    p.add_argument("--mismatch-t", type=int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
+    p.add_argument("--n-main", type=int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6)")
+    p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
+    p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
+    p.add_argument("--n-descriptions", type=int, default=5, help="n descriptions per mismatched class (paper: 5)")
+    p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
+    p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
+    # §3.2 calibrated margin
+    p.add_argument("--margin-scale", type=float, default=12.0, help="m (METHODS.md §4.5: 12.0)")
+    p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
+                   help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
+    # §3.3 model and optimisation
+    p.add_argument("--prompt-depth", type=int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
+    p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs (§4.7: 50)")
+    p.add_argument("--iters", type=int, default=50, help="iterations per epoch (§4.7: 50)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
+    p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
+    p.add_argument("--expand-every", type=int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
+    p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
+    p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
+    return p.parse_args(argv)
+
+
+def resolve(args, key, fallback):
+    """A flag's value, else the released per-dataset value, else the paper default."""
+    value = getattr(args, key)
+    return value if value is not None else DATASET_DEFAULTS.get(args.data, {}).get(key, fallback)
+
+
+# -----------------------------------------------------------------------------
+# §4.1 Settings: which images are labeled and which classes get pseudolabels (METHODS.md §1.2)
+
+def split_setting(mode, labels, num_classes, split_seed):
+    """-> (labeled idx, unlabeled idx, pseudolabeled classes, seen classes) for UL, SSL or TRZSL."""
+    all_idx, classes = torch.arange(len(labels)), torch.arange(num_classes)
+    if mode == "ul":
+        return all_idx[:0], all_idx, classes, classes[:0]
+    if mode == "ssl":
+        lab = common.protocol_ssl(labels, num_classes)
+        return lab, all_idx[~torch.isin(all_idx, lab)], classes, classes[:0]
+    seen, unseen = common.protocol_trzsl(num_classes, split_seed)
+    is_seen = torch.isin(labels, seen)
+    return all_idx[is_seen], all_idx[~is_seen], unseen, seen
+
+
+# -----------------------------------------------------------------------------
+# §3.1 Concept alignment: mismatch detection by iterative K-Means
+
+def match_log_odds(logits):
+    """log P/(1−P) of P = softmax over clusters (dim 1) of logits [R, R]. Ranks pairs exactly as P does,
+    but stays finite where P rounds to 1.0 in floating point (common at CLIP's scale 100)."""
+    R = logits.shape[1]
+    diff = logits[:, None, :] - logits[:, :, None]  # [R, j, k] = z_ik − z_ij
+    diff = diff.masked_fill(torch.eye(R, dtype=torch.bool, device=logits.device), float("-inf"))  # k ≠ j
+    return -diff.logsumexp(-1)  # [R, R]
+
+
+def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=10):
+    """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
+
+    image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels.
+    Returns (Y_MM = Y_final ∩ Y_low-t as a list of class ids, leftover cluster centres [|Y_final|, D]).
+    K-Means keeps the best of n_init seedings (10, scikit-learn's default when the release was written).
+    """
+    N, C = len(image_features), len(text_features)
+    avg_size = N // C
+    classes, images = list(range(C)), torch.arange(N)
+    while len(classes) > t and len(images) >= len(classes):
+        R = len(classes)
+        centres, assign, _ = common.kmeans(image_features[images], R, seed=seed, spherical=True, n_init=n_init)
+        odds = match_log_odds(LOGIT_SCALE * text_features[classes] @ centres.T)  # [R, R], monotone in P
+        i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
+        # images zero-shot predicts as i* (among remaining classes): those in cluster j* first, ≤ avg_size
+        predicted_i = (image_features[images] @ text_features[classes].T).argmax(1) == i  # [n]
+        in_j = predicted_i & (assign == j)
+        order = torch.cat([in_j.nonzero().flatten(), (predicted_i & ~in_j).nonzero().flatten()])
+        used = torch.zeros(len(images), dtype=torch.bool)
+        used[order[:avg_size]] = True
+        images, classes = images[~used], classes[:i] + classes[i + 1:]
+    k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
+    centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
+        image_features[:0]
+    counts = torch.bincount(zs_pred, minlength=C)  # [C]
+    low_t = set(counts.argsort(stable=True)[:t].tolist())  # the t least-predicted classes (Y_low-t)
+    return [c for c in classes if c in low_t], centres
+
+
+def choose_descriptions(desc_features, centres):
+    """Keep, per mismatched class, the description nearest a leftover cluster centre (§3.1).
+
+    desc_features {class: [n, D]}, centres [R, D]. Clusters are taken greedily, one per class,
+    best (description, cluster) cosine first. -> {class: (description index, cluster index)}
+    """
+    cand = sorted(((float(f[i] @ centres[j]), c, i, j) for c, f in desc_features.items()
+                   for i in range(len(f)) for j in range(len(centres))), reverse=True)
+    chosen, taken = {}, set()
+    for _, c, i, j in cand:
+        if c not in chosen and j not in taken:
+            chosen[c] = (i, j)
+            taken.add(j)
+    return chosen
+
+
+def initial_pseudolabels(probs, classes, K):
+    """High-precision D_PL (§4.2): per class, the K most confident images predicted as that class,
+    filled from the highest-probability remaining images if fewer are predicted. -> {class: idx [≤K]}"""
+    pred = classes[probs[:, classes].argmax(1)]  # [N] restricted to the pseudolabeled classes
+    dpl = {}
+    for c in classes.tolist():
+        score = probs[:, c] + (pred == c).float()  # predicted-as-c ranks first, then by probability
+        dpl[c] = score.topk(min(K, len(score))).indices
+    return dpl
+
+
+def align_pseudolabels(dpl, image_features, description_features, K):
+    """Replace a mismatched class's D_PL by the top-K images by cosine to its chosen description."""
+    dpl = dict(dpl)
+    for c, f in description_features.items():
+        dpl[c] = (image_features @ f).topk(min(K, len(image_features))).indices  # [K]
+    return dpl
+
+
+def dpl_accuracy(dpl, labels):
+    idx = torch.cat(list(dpl.values()))
+    y = torch.cat([torch.full((len(v),), c) for c, v in dpl.items()])
+    return common.accuracy(y, labels[idx])
+
+
+# -----------------------------------------------------------------------------
+# §3.3 Model: MaPLe multimodal prompts on a frozen open_clip ViT, plus three residual adapters
+
+def build_maple(model, tokenizer, classnames, depth, n_ctx=2, ctx_init="a photo of a"):
+    """MaPLe prompt learner (METHODS.md §4.3): n_ctx text context tokens initialised from ctx_init,
+    coupled to vision prompts by Linear(text width → vision width), plus depth−1 deep prompt pairs.
+    Returns (learner: trainable ModuleDict, tokens [C, L] of "ctx_init <class>.")."""
+    w_txt, w_vis = model.token_embedding.embedding_dim, model.visual.conv1.out_channels
+    depth = max(1, min(depth, len(model.transformer.resblocks), len(model.visual.transformer.resblocks)))
+    with torch.no_grad():
+        init = model.token_embedding(tokenizer([ctx_init]))[0, 1:1 + n_ctx].float()  # [n_ctx, Wt]: "a photo"
+    deep = [nn.Parameter(torch.randn(n_ctx, w_txt) * 0.02) for _ in range(depth - 1)]
+    learner = nn.ModuleDict({
+        "ctx": nn.ParameterList([nn.Parameter(init.clone())]),
+        "proj": nn.Linear(w_txt, w_vis),  # shallow text→vision coupling
+        "deep_text": nn.ParameterList(deep),
+        "deep_proj": nn.ModuleList([nn.Linear(w_txt, w_vis) for _ in range(depth - 1)]),
+    })
+    tokens = tokenizer([f"{ctx_init} {name}." for name in classnames])  # [C, L]
+    return learner, tokens
+
+
+def vision_prompts(learner):
+    """Project text prompts to vision prompts (the MaPLe coupling). -> [n_ctx, Wv] and a list per deep layer."""
+    return learner["proj"](learner["ctx"][0]), [p(t) for p, t in zip(learner["deep_proj"], learner["deep_text"])]
+
+
+def encode_text_maple(model, learner, tokens):
+    """Text encoder with the context tokens replaced by learned prompts at layer 0 and deep layers. -> [C, D]"""
+    n_ctx = learner["ctx"][0].shape[0]
+    x = model.token_embedding(tokens)  # [C, L, Wt]
+    C = x.shape[0]
+    x = torch.cat([x[:, :1], learner["ctx"][0].expand(C, -1, -1), x[:, 1 + n_ctx:]], 1)
+    x = x + model.positional_embedding
+    for i, block in enumerate(model.transformer.resblocks):
+        if 1 <= i <= len(learner["deep_text"]):  # deep compound prompts replace the context slots
+            x = torch.cat([x[:, :1], learner["deep_text"][i - 1].expand(C, -1, -1), x[:, 1 + n_ctx:]], 1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = x[torch.arange(C), tokens.argmax(-1)] @ model.text_projection  # EOT token, [C, D]
+    return F.normalize(x.float(), dim=-1)
+
+
+def encode_image_maple(model, learner, images):
+    """Vision encoder with n_ctx prompt tokens appended after the patches, replaced at deep layers. -> [B, D]"""
+    visual = model.visual
+    shallow, deep = vision_prompts(learner)
+    x = visual._embeds(images)  # [B, 1+P, Wv] (class token, patches, ln_pre)
+    B, n_ctx = x.shape[0], shallow.shape[0]
+    x = torch.cat([x, shallow.to(x.dtype).expand(B, -1, -1)], 1)
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[:, :-n_ctx], deep[i - 1].to(x.dtype).expand(B, -1, -1)], 1)
+        x = block(x)
+    pooled, _ = visual._pool(x)  # class token
+    return F.normalize((pooled @ visual.proj).float(), dim=-1)
+
+
+def build_adapters(dim, hidden=128):
+    """Main visual, pseudo visual and text adapters: Linear(d→128) → ReLU → Linear(128→d) (§4.3)."""
+    make = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+    return nn.ModuleDict({"main": make(), "pseudo": make(), "text": make()})
+
+
+def adapt(adapter, x, training=True, scale=0.01):
+    """Residual adapter on L2-normalised embeddings: x + 0.01·A(x), re-normalised. Identity at inference."""
+    return F.normalize(x + scale * adapter(x), dim=-1) if training else x
+
+
+# -----------------------------------------------------------------------------
+# §3.2 Confusion-aware calibrated margin (Eq. for L_m and M = S ⊙ m)
+
+def class_similarity(text_features, prototypes):
+    """S_ij = max(sim(v̄_i, v̄_j), sim(w_i, w_j)) from L2-normalised prototypes [C, D] and text [C, D]."""
+    return torch.maximum(text_features @ text_features.T, prototypes @ prototypes.T)  # [C, C]
+
+
+def calibrated_margin(S, sigma, m, variant="paper"):
+    """Margin matrix M [C, C] from similarity S [C, C] and prediction counts σ [C] (§3.2).
+
+    paper: δ_c = 1 − σ(c)/max σ, Δ = max δ, m_c = m·Δ·δ_c, M_yc = m_y·S_yc.
+    code:  S rows rescaled onto [min_i, 1], r = σ/max σ, Δ = (max r − min r)·m, M_yc = Δ(1−r_y)/(1+r_y)·S_yc.
+    """
+    if sigma.max() <= 0:  # nothing confidently predicted yet: no margin
+        return torch.zeros_like(S)
+    r = sigma.float() / sigma.max()  # [C]
+    if variant == "paper":
+        delta = 1 - r
+        return (m * delta.max() * delta)[:, None] * S
+    lo, hi = S.min(1, keepdim=True).values, S.max(1, keepdim=True).values
+    S = lo + (S - lo) / (hi - lo).clamp_min(1e-12) * (1 - lo)
+    w = (r.max() - r.min()) * m * (1 - r) / (1 + r)
+    return w[:, None] * S
+
+
+def margin_cross_entropy(logits, targets, M, reduction="mean"):
+    """L_m(y, z) = −log e^{z_y} / (e^{z_y} + Σ_{c≠y} e^{z_c + M_yc}). logits [B, C], targets [B], M [C, C]."""
+    off_target = 1 - F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # margin only on c ≠ y
+    return F.cross_entropy(logits + M[targets] * off_target, targets, reduction=reduction)
+
+
+def fixmatch_loss(logits_s, y_hat, mask, M):
+    """L_UL: margin CE on the strong view against weak-view pseudolabels, averaged over masked samples
+    (sum / Σmask, as released, rather than FixMatch's / B). 0 when nothing passes τ."""
+    loss = margin_cross_entropy(logits_s, y_hat, M, reduction="none")  # [B]
+    return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+# -----------------------------------------------------------------------------
+# §3.3 Dual-adapter training (METHODS.md §4.4-§4.7)
+
+def strong_view(size, normalize):
+    """RandomResizedCrop(scale 0.08-1) + horizontal flip (§4.4; the release flips always, p = 1)."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+
+
+def two_views(img, weak, strong):
+    return weak(img), strong(img)
+
+
+def forever(dataset, batch_size, seed, workers=0):
+    """Endless shuffled batches from a seeded sampler (no `iterator.next()` tricks)."""
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=RandomSampler(dataset, generator=g),
+                        drop_last=True, num_workers=workers)
+    while True:
+        yield from loader
+
+
+def subset(samples, labels, idx, transform):
+    """An ImageList over the pool images `idx` with the given (pseudo)labels."""
+    return common.ImageList([samples[i] for i in idx.tolist()], labels, transform)
+
+
+def flatten(dpl):
+    """{class: idx} -> (pool indices [n], pseudolabels [n])."""
+    idx = torch.cat(list(dpl.values()))
+    return idx, torch.cat([torch.full((len(v),), c, dtype=torch.long) for c, v in dpl.items()])
+
+
+@torch.no_grad()
+def class_prototypes(model, learner, adapters, dataset, labels, text_features, device, batch_size=256):
+    """v̄_c: mean main-adapter feature of each class's D_PL images, L2-normalised; text if a class has none."""
+    C, D = text_features.shape
+    sums = torch.zeros(C, D)
+    for x, _, i in DataLoader(dataset, batch_size=batch_size):
+        with common.autocast(device):
+            v = adapt(adapters["main"], encode_image_maple(model, learner, x.to(device)))
+        sums.index_add_(0, labels[i], v.float().cpu())
+    empty = sums.norm(dim=1) == 0
+    sums[empty] = text_features[empty]
+    return F.normalize(sums, dim=-1)  # [C, D]
+
+
+def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
+    """D_PL expansion (§4.6): k_e = K + (min(1000, ⌊|U|/C'⌋·ratio) − K)·min(1, e / 0.7E) per class.
+
+    seen_pl: {pool index: (class, confidence)} of last epoch's confident predictions. Existing D_PL
+    entries are kept first (our reading of "filled up with the old entries"), then new images by confidence.
+    """
+    k_e = int(n_main + (min(1000, pool_size // len(dpl) * ratio) - n_main) * min(1.0, epoch / (0.7 * epochs)))
+    taken = set(torch.cat(list(dpl.values())).tolist())
+    new = {}
+    for c, old in dpl.items():
+        fresh = sorted(((conf, i) for i, (cls, conf) in seen_pl.items() if cls == c and i not in taken), reverse=True)
+        extra = torch.tensor([i for _, i in fresh[:max(0, k_e - len(old))]], dtype=torch.long)
+        new[c] = torch.cat([old, extra])
+    return new
+
+
+def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes, device, iters, quiet):
+    """One epoch of L = L_PL + L_UL (+ L_L). Returns loss parts, confident predictions and stats."""
+    from tqdm import tqdm
+    allowed = torch.full((M.shape[0],), float("-inf"), device=device)
+    allowed[pseudo_classes] = 0  # pseudolabels only among the pseudolabeled classes (TRZSL: unseen)
+    M = M.to(device)
+    stats, seen_pl = {"pl": 0.0, "ul": 0.0, "l": 0.0, "mask": 0.0, "hit": 0, "n_conf": 0}, {}
+    for _ in tqdm(range(iters), desc="train", leave=False, disable=quiet):
+        x_m, y_m, _ = next(batches["main"])
+        (x_w, x_s), y_u, u_pos = next(batches["unlabeled"])
+        x_l, y_l, _ = next(batches["labeled"]) if "labeled" in batches else (x_m[:0], y_m[:0], None)
+        with common.autocast(device):
+            t = adapt(adapters["text"], encode_text_maple(model, learner, batches["tokens"]))  # [C, D]
+            with torch.no_grad():  # pseudolabels from the main adapter on the weak view
+                v_w = adapt(adapters["main"], encode_image_maple(model, learner, x_w.to(device)))
+                q = (LOGIT_SCALE * v_w @ t.T + allowed).softmax(1)  # [B, C]
+            conf, y_hat = q.max(1)
+            mask = (conf > tau).float()  # [B]
+            v = encode_image_maple(model, learner, torch.cat([x_m, x_l, x_s]).to(device))  # one pass, 3 views
+            n_m, n_l = len(x_m), len(x_l)
+            v_m = adapt(adapters["main"], v[:n_m + n_l])  # main adapter: D_PL and labeled images
+            v_p = adapt(adapters["pseudo"], v[n_m + n_l:])  # pseudo adapter: strong view of unlabeled
+            logits = LOGIT_SCALE * v_m @ t.T
+            y = torch.cat([y_m, y_l]).to(device)
+            loss_pl = margin_cross_entropy(logits[:n_m], y[:n_m], M)
+            loss_l = margin_cross_entropy(logits[n_m:], y[n_m:], M) if n_l else logits.sum() * 0
+            loss_u = fixmatch_loss(LOGIT_SCALE * v_p @ t.T, y_hat, mask, M)
+            loss = loss_pl + loss_u + loss_l
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        keep = mask.bool().cpu()
+        for pos, c, p in zip(u_pos[keep].tolist(), y_hat.cpu()[keep].tolist(), conf.cpu()[keep].tolist()):
+            seen_pl[pos] = max(seen_pl.get(pos, (c, p)), (c, p), key=lambda cp: cp[1])
+        stats["pl"] += loss_pl.item() / iters
+        stats["ul"] += loss_u.item() / iters
+        stats["l"] += loss_l.item() / iters
+        stats["mask"] += mask.mean().item() / iters
+        stats["hit"] += (y_hat.cpu()[keep] == y_u[keep]).sum().item()
+        stats["n_conf"] += int(keep.sum())
+    return stats, seen_pl
+
+
+@torch.no_grad()
+def evaluate(model, learner, tokens, dataset, device, batch_size=256):
+    """Test predictions with MaPLe prompts only: every adapter is off at inference (§3.3). -> pred [M]"""
+    with common.autocast(device):
+        t = encode_text_maple(model, learner, tokens.to(device))  # [C, D]
+    preds = []
+    for x, _, _ in DataLoader(dataset, batch_size=batch_size):
+        with common.autocast(device):
+            preds.append((encode_image_maple(model, learner, x.to(device)) @ t.T).argmax(1).cpu())
+    return torch.cat(preds)
+
+
+def test_metrics(pred, labels, seen):
+    """Accuracy, plus seen / unseen / harmonic mean in TRZSL (§1.2)."""
+    out = {"test_acc": common.accuracy(pred, labels)}
+    if len(seen):
+        is_seen = torch.isin(labels, seen)
+        out["seen_acc"] = common.accuracy(pred[is_seen], labels[is_seen])
+        out["unseen_acc"] = common.accuracy(pred[~is_seen], labels[~is_seen])
+        out["harmonic_mean"] = common.harmonic_mean(out["seen_acc"], out["unseen_acc"])
+    return out
+
+
+def cosine_with_warmup(opt, warmup, total):
+    """Linear warm-up for `warmup` iterations, then cosine to 0, stepped per iteration (§4.7)."""
+    f = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# -----------------------------------------------------------------------------
+# main: the steps in paper order
+
+def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
+    """§3.1 end to end: D_PL, mismatch detection, LLM descriptions, relabelled D_PL. -> (dpl, report)"""
+    f_u, classnames = d["f_train"][U], d["classnames"]
+    dpl_local = initial_pseudolabels(probs[U], pseudo_classes, n_main)
+    to_pool = lambda dpl: {c: U[i] for c, i in dpl.items()}
+    report = {"dpl_acc_before_alignment": dpl_accuracy(to_pool(dpl_local), d["y_train"])}
+    t = args.mismatch_t or DATASET_DEFAULTS.get(args.data, {}).get("mismatch_t") or math.ceil(len(pseudo_classes) / 10)
+    zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
+    mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed)
+    mismatched = [pseudo_classes[i].item() for i in mm_local]
+    print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
+    descriptions = {} if not mismatched else common.class_descriptions(
+        [classnames[c] for c in mismatched], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
+        url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir)
+    desc_feats = {c: common.zero_shot_weights(d["model"], d["tokenizer"], descriptions[classnames[c]], ["{}"], device).cpu()
+                  for c in mismatched if descriptions.get(classnames[c])}  # bare sentences, no template
+    chosen = choose_descriptions(desc_feats, centres)
+    dpl_local = align_pseudolabels(dpl_local, f_u, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, n_main)
+    dpl = to_pool(dpl_local)
+    report.update(mismatched_classes=[classnames[c] for c in mismatched],
+                  chosen_descriptions={classnames[c]: descriptions[classnames[c]][i] for c, (i, _) in chosen.items()},
+                  dpl_acc_after_alignment=dpl_accuracy(dpl, d["y_train"]))
+    for name, text in report["chosen_descriptions"].items():
+        print(f"  {name}: '{text}'")
+    return dpl, report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start, config = time.time(), vars(args).copy()
+    print(json.dumps(config))
+    device = common.get_device(args.device)
+    if args.eval_only and not args.checkpoint:
+        raise common.UserError("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
+    d = common.prepare(args, device)
+    common.set_seed(args.seed)  # after encoding: a cache hit must not change the random stream
+    classnames, y_train, y_test = d["classnames"], d["y_train"], d["y_test"]
+    C, model, preprocess = len(classnames), d["model"].requires_grad_(False), d["preprocess"]
+    L, U, pseudo_classes, seen = split_setting(args.mode, y_train, C, args.split_seed)
+    out_dir = Path(args.out_dir or f"runs/cap-{args.data}-{args.mode}-seed{args.seed}")
+    tau, n_main = resolve(args, "tau", 0.85), resolve(args, "n_main", 16)
+
+    # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels
+    d["W"] = common.zero_shot_weights(model, d["tokenizer"], classnames, common.TEMPLATES_SINGLE, device).cpu()
+    probs = (LOGIT_SCALE * d["f_train"] @ d["W"].T).softmax(1)  # [N, C]
+    zs = test_metrics((d["f_test"] @ d["W"].T).argmax(1), y_test, seen)
+    learner, tokens = build_maple(model.cpu(), d["tokenizer"], classnames, args.prompt_depth)
+    model, learner, tokens = model.to(device), learner.to(device), tokens.to(device)
+    test_set = common.ImageList(d["test"], y_test, preprocess)
+    if args.eval_only:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        learner.load_state_dict(ckpt["learner"])
+        metrics = test_metrics(evaluate(model, learner, tokens, test_set, device), y_test, seen)
+        print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} | zero-shot {100 * zs['test_acc']:.2f}")
+        return metrics
+
+    # §3.1 concept alignment -> high-precision pseudolabels D_PL
+    dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, n_main, device)
+
+    # §3.3 model, data streams and optimiser
+    adapters = build_adapters(d["W"].shape[1]).to(device)
+    opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    sched = cosine_with_warmup(opt, args.iters, args.epochs * args.iters)
+    bs = args.batch_size or 32
+    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1])
+    pair = functools.partial(two_views, weak=preprocess, strong=strong)
+    batches = {"tokens": tokens, "unlabeled": forever(subset(d["train"], y_train[U], U, pair), bs, args.seed, args.workers)}
+    if len(L):
+        batches["labeled"] = forever(subset(d["train"], y_train[L], L, preprocess), bs, args.seed + 1, args.workers)
+    proto_extra = {c.item(): L[y_train[L] == c][:n_main] for c in seen}  # TRZSL: labeled seen images (§4.2)
+
+    M, sigma = torch.zeros(C, C), torch.zeros(C)
+    for epoch in range(args.epochs):
+        t0 = time.time()
+        idx, y_pl = flatten(dpl)
+        main_set = subset(d["train"], y_pl, idx, preprocess)
+        batches["main"] = forever(main_set, bs, args.seed + 2 + epoch, args.workers)
+        if epoch > 0:  # §3.2: M rebuilt at the start of every epoch, zero in epoch 0
+            with torch.no_grad(), common.autocast(device):
+                t_plain = encode_text_maple(model, learner, tokens).float().cpu()  # [C, D], no adapter
+            p_idx, p_y = flatten({**dpl, **proto_extra}) if proto_extra else (idx, y_pl)
+            protos = class_prototypes(model, learner, adapters, subset(d["train"], p_y, p_idx, preprocess),
+                                      p_y, t_plain, device)
+            M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, args.margin_variant)
+        stats, seen_pl = train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes.to(device),
+                                     device, args.iters, args.quiet)
+        sigma = torch.bincount(torch.tensor([c for c, _ in seen_pl.values()], dtype=torch.long), minlength=C).float()
+        sigma[seen] = sigma.max()  # TRZSL seen classes: r = 1, no margin (§4.5)
+        pl_acc = stats["hit"] / max(1, stats["n_conf"])
+        print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['pl'] + stats['ul'] + stats['l']:.3f} "
+              f"(pl {stats['pl']:.3f}, ul {stats['ul']:.3f}, l {stats['l']:.3f}) | mask {stats['mask']:.2f} | "
+              f"pl-acc {100 * pl_acc:.1f} | dpl {len(idx)} (acc {100 * dpl_accuracy(dpl, y_train):.1f}) | "
+              f"margin max {M.max():.2f} mean {M.mean():.2f} | {time.time() - t0:.1f}s")
+        if epoch % args.expand_every == 0:  # §4.6: D_PL grows from confident predictions at epochs 0, 5, 10, ...
+            seen_pool = {U[pos].item(): v for pos, v in seen_pl.items()}
+            dpl = expand_dpl(dpl, seen_pool, len(U), n_main, epoch, args.epochs, resolve(args, "max_main_ratio", 0.8))
+
+    metrics = test_metrics(evaluate(model, learner, tokens, test_set, device), y_test, seen)
+    metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],
+                   final_loss=stats["pl"] + stats["ul"] + stats["l"],
+                   dpl_acc_final=dpl_accuracy(dpl, y_train), dpl_acc_before_alignment=report["dpl_acc_before_alignment"],
+                   dpl_acc_after_alignment=report["dpl_acc_after_alignment"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common.save_atomic({"learner": learner.state_dict(), "classnames": classnames, "clip_model": d["model_name"],
+                        "prompt_depth": args.prompt_depth}, out_dir / "cap_prompts.pt")
+    path = common.write_results(out_dir, config, metrics, start, extra={
+        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "concept_alignment": report})
+    print(f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f})"
+          + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
+          + f" | pl-acc {100 * pl_acc:.1f} | {time.time() - start:.0f}s | {path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
