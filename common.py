@@ -34,7 +34,8 @@ def run_cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).strip().splitlines()[-1]  # a DataLoader worker wraps the message in its traceback
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -576,20 +577,27 @@ def _sq_dists(x, x_sq, c, chunk):
 def _kmeans_pp(x, x_sq, k, g):
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is a point drawn with probability
     ∝ its squared distance to the nearest centre so far. One matrix-vector product per centre. -> [K, D]"""
+    n = len(x)
     idx = torch.zeros(k, dtype=torch.long, device=x.device)  # [K]
     d2 = torch.ones_like(x_sq)  # [N] squared distance to the nearest chosen centre; uniform for the first
     for j in range(k):
-        w = torch.where(d2.sum() > 0, d2, torch.ones_like(d2))  # every point on a centre (duplicates): uniform
-        idx[j] = torch.multinomial(w, 1, generator=g)[0]
-        d_new = torch.addmv(x_sq + x_sq[idx[j]], x, x[idx[j]], alpha=-2).clamp_min_(0)  # [N] |x|² − 2x·xⱼ + |xⱼ|²
+        # inverse-CDF draw, P(i) ∝ d2[i]; if every d2 is 0 (k > distinct points) it takes the last point
+        cdf = d2.cumsum(0, dtype=torch.float64)  # [N]
+        u = torch.rand(1, generator=g, dtype=torch.float64, device=x.device)  # [1] in [0, 1)
+        i = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max_(n - 1)[0]  # first i with cdf[i] > u·total
+        idx[j] = i
+        d_new = torch.addmv(x_sq, x, x[i], alpha=-2).add_(x_sq[i]).clamp_min_(0)  # [N] |x|² − 2x·xᵢ + |xᵢ|²
         d2 = d_new if j == 0 else torch.minimum(d2, d_new)
-        d2[idx[j]] = 0  # exactly 0 for the chosen point itself (round-off would let it be drawn again)
-    return x[idx].clone()  # [K, D]
+        d2[i] = 0  # exactly 0 for the chosen point itself (round-off would let it be drawn again)
+    return x[idx]  # [K, D] (advanced indexing copies)
 
 
 def _update_centroids(x, assign, dist, c, spherical):
-    """Mean of each cluster via index_add_; empty clusters re-seeded at the points farthest from their centre."""
-    sums = torch.zeros_like(c).index_add_(0, assign, x)  # [K, D]
+    """Mean of each cluster via a sparse one-hot matmul; empty clusters re-seeded at the points farthest
+    from their centre."""
+    rows = torch.stack([assign, torch.arange(len(x), device=x.device)])  # [2, N] (cluster, point) pairs
+    one_hot = torch.sparse_coo_tensor(rows, torch.ones_like(dist), (len(c), len(x)), check_invariants=False)
+    sums = one_hot @ x  # [K, D]; = zeros.index_add_(0, assign, x), but 3-100x faster on 2 busy CPU threads
     counts = torch.bincount(assign, minlength=len(c))  # [K]
     new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
     empty = (counts == 0).nonzero().flatten()  # [E], E <= K <= N
@@ -601,12 +609,13 @@ def _update_centroids(x, assign, dist, c, spherical):
     return new
 
 
-def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4096):
+def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=None):
     """Lloyd's K-Means with k-means++ seeding, in torch on x's device.
 
     x [N, D] float; k clusters; stops after n_iter updates, when no assignment changes, or when the
     relative inertia drop is <= tol (tol=0: only at convergence).
     spherical=True: for L2-normalised features, centroids re-normalised (cosine K-Means).
+    chunk: rows per distance block; the default keeps the [chunk, k] block at about 2^22 floats (16 MB).
     Returns (centroids [k, D], assign [N], inertia_history list of floats); best of n_init seeds.
     """
     n = x.shape[0]
@@ -614,6 +623,7 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4
         raise ValueError(f"kmeans: k={k} clusters needs 1 <= k <= number of points ({n})")
     x = x.float()
     x_sq = torch.linalg.vector_norm(x, dim=1) ** 2  # [N], without an [N, D] temporary
+    chunk = chunk or max(1, 2**22 // k)
     g = torch.Generator(device=x.device).manual_seed(seed)
     best = None
     for _ in range(n_init):
@@ -621,11 +631,11 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=4
         if spherical:
             c = F.normalize(c, dim=1)
         assign, dist = _sq_dists(x, x_sq, c, chunk)  # [N], [N]
-        history = [dist.sum(dtype=torch.float64).item()]
+        history = [dist.sum().item()]
         for _ in range(n_iter):
             c = _update_centroids(x, assign, dist, c, spherical)
             prev, (assign, dist) = assign, _sq_dists(x, x_sq, c, chunk)
-            history.append(dist.sum(dtype=torch.float64).item())
+            history.append(dist.sum().item())
             if torch.equal(assign, prev) or history[-2] - history[-1] <= tol * history[-2]:
                 break
         if best is None or history[-1] < best[2][-1]:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Commands for the papers' tables, and a smoke form that runs offline in minutes.
+#   bash run.sh smoke     # tiny random CLIP on generated images: checks that everything runs
+#   bash run.sh demo      # the offline demo world, 3 seeds (zero-shot, CAP, Co-Reg)
+#   bash run.sh cap       # CAP Table 1: 6 datasets x UL/SSL/TRZSL x seeds 1-3 (needs data + a GPU)
+#   bash run.sh coreg     # Co-Reg: its datasets x seeds 1-3 (needs data + a GPU)
+#   bash run.sh zeroshot  # the zero-shot CLIP rows
+# Extra arguments after the first go to every command, e.g. `bash run.sh cap --data-dir /data --download`.
+# Summaries (mean ± std over seeds) are printed by `python summarize.py runs/` at the end of each group.
+set -euo pipefail
+cd "$(dirname "$0")"
+what=${1:-smoke}; shift || true
+PY=${PYTHON:-python}
+SEEDS=${SEEDS:-"1 2 3"}
+
+case "$what" in
+  smoke)
+    T="--data synthetic --clip-model tiny --pretrained none --cache-dir cache/smoke --quiet"
+    $PY zeroshot.py $T --out-dir runs/smoke/zeroshot "$@"
+    for mode in ul ssl trzsl; do
+      $PY cap.py $T --mode $mode --epochs 2 --iters 3 --out-dir runs/smoke/cap-$mode "$@"
+    done
+    $PY coreg.py $T --arch narrow --epochs 3 --warm-up 1 --start-cont 1 --out-dir runs/smoke/coreg "$@"
+    ;;
+  demo)
+    for seed in $SEEDS; do
+      $PY zeroshot.py --data demo --seed $seed --out-dir runs/demo/zeroshot-seed$seed "$@"
+      $PY cap.py --data demo --mode ul --seed $seed --descriptions demo_descriptions.json --out-dir runs/demo/cap-seed$seed "$@"
+      $PY coreg.py --data demo --seed $seed --out-dir runs/demo/coreg-seed$seed "$@"
+    done
+    $PY summarize.py runs/demo
+    ;;
+  zeroshot)
+    for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
+      $PY zeroshot.py --data $data --out-dir runs/zeroshot/$data "$@"
+    done
+    $PY summarize.py runs/zeroshot
+    ;;
+  cap)
+    for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
+      for mode in ul ssl trzsl; do
+        for seed in $SEEDS; do
+          $PY cap.py --data $data --mode $mode --seed $seed --out-dir runs/cap/$data-$mode-seed$seed "$@"
+        done
+      done
+    done
+    $PY summarize.py runs/cap
+    ;;
+  coreg)
+    for data in cifar10 cifar100 svhn fashion_mnist eurosat fer2013 gtsrb; do
+      size=32; case $data in eurosat|fer2013|gtsrb) size=64;; esac
+      for seed in $SEEDS; do
+        $PY coreg.py --data $data --image-size $size --seed $seed --out-dir runs/coreg/$data-seed$seed "$@"
+      done
+    done
+    $PY summarize.py runs/coreg
+    ;;
+  *) echo "usage: bash run.sh smoke|demo|zeroshot|cap|coreg [extra flags]" >&2; exit 2;;
+esac

@@ -1,0 +1,267 @@
+"""Tests for common.py and zeroshot.py: the zero-shot run, the feature cache, CLIP weight loading,
+one-line errors on bad input, prompt templates, evaluation protocols and metrics. CPU only, offline.
+
+Run: python -m pytest -q test_common.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import zeroshot
+
+REPO = Path(__file__).resolve().parent
+TINY = ["--clip-model", "tiny", "--pretrained", "none", "--quiet"]
+
+
+def run_zeroshot(tmp_path, *args):
+    """zeroshot.main in-process with the tiny random CLIP, cache and outputs under tmp_path. -> metrics"""
+    return zeroshot.main([*args, *TINY, "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")])
+
+
+def run_cli(tmp_path, *args, env=None, timeout=120):
+    """`python zeroshot.py ARGS` as a user would type it. -> (exit code, stderr, seconds)"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **(env or {})}  # empty HF cache: no cached weights
+    cmd = [sys.executable, "zeroshot.py", *args, "--quiet",
+           "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")]
+    start = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    return r.returncode, r.stderr, time.time() - start
+
+
+def assert_one_line_error(rc, stderr):
+    """Failed, no traceback, and the last stderr line is the single 'error: ...' line. -> that line"""
+    assert rc != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert lines, "nothing on stderr"
+    assert sum("error:" in l for l in lines) == 1, stderr
+    assert lines[-1].startswith("error:"), stderr
+    return lines[-1]
+
+
+def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=5, seed=0):
+    """root/<class>/<i>.png with random 40x40 RGB images. -> root"""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.randint(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+# -----------------------------------------------------------------------------
+# zeroshot.py end to end and the feature cache
+
+def test_zeroshot_writes_results_and_a_second_run_hits_the_feature_cache(tmp_path, capsys):
+    first = run_zeroshot(tmp_path, "--data", "synthetic")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"config", "metrics", "versions"} <= set(res)
+    assert res["config"]["data"] == "synthetic" and res["config"]["clip_model"] == "tiny"
+    assert {"torch", "open_clip"} <= set(res["versions"])
+    assert res["metrics"] == pytest.approx(first)
+    assert 0 <= first["test_acc"] <= 1 and 0 <= first["pseudolabel_acc"] <= 1
+    assert "feature cache hit" not in capsys.readouterr().out
+
+    second = run_zeroshot(tmp_path, "--data", "synthetic")
+    assert capsys.readouterr().out.count("feature cache hit") == 2  # train and test
+    assert second == first
+
+
+def test_truncated_cache_file_is_reported_in_one_line_and_recomputed(tmp_path, capsys):
+    first = run_zeroshot(tmp_path, "--data", "synthetic")
+    capsys.readouterr()
+    cache_file = sorted((tmp_path / "cache").glob("synthetic_train_*.pt"))[0]
+    data = cache_file.read_bytes()
+    cache_file.write_bytes(data[: len(data) // 2])
+
+    second = run_zeroshot(tmp_path, "--data", "synthetic")
+    out, err = capsys.readouterr()
+    warnings = [l for l in err.splitlines() if cache_file.name in l]
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and "recomputing" in warnings[0], err
+    assert out.count("feature cache hit") == 1  # only the intact test-split cache
+    assert second == first
+    assert cache_file.stat().st_size == len(data)  # rewritten in full
+
+
+def test_folder_dataset_runs_end_to_end_on_a_seeded_80_20_split(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    train, y_train, test, y_test, names = common.load_dataset("folder", str(root))
+    assert names == ["cat", "dog", "fox"]
+    assert (len(train), len(test)) == (12, 3)
+    assert sorted(train + test) == sorted(str(p) for p in root.rglob("*.png"))
+    assert common.load_dataset("folder", str(root))[2] == test  # same split every time
+
+    metrics = run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(root))
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["data"] == "folder"
+
+
+def test_two_image_folders_do_not_share_a_feature_cache(tmp_path, capsys):
+    a = make_image_folder(tmp_path / "a", seed=0)
+    b = make_image_folder(tmp_path / "b", seed=1)  # same size, different pixels
+    run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(a))
+    run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(b))
+    assert "feature cache hit" not in capsys.readouterr().out
+    run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(a))
+    assert capsys.readouterr().out.count("feature cache hit") == 2
+
+
+# -----------------------------------------------------------------------------
+# CLIP loading
+
+def test_tiny_clip_saved_as_state_dict_loads_back_with_identical_image_features(tmp_path):
+    model, _, _ = common.load_clip("tiny", "none")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move away from the seed-0 init, so a load that does nothing would fail
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    f = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), f)
+
+    loaded, _, _ = common.load_clip("tiny", str(f))
+    fresh, _, _ = common.load_clip("tiny", "none")
+    images = torch.randn(4, 3, 32, 32, generator=g)  # [4, 3, 32, 32]
+    with torch.no_grad():
+        want = model.encode_image(images)  # [4, 64]
+        assert torch.equal(loaded.encode_image(images), want)
+        assert not torch.allclose(fresh.encode_image(images), want)
+    assert not loaded.training
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr, non-zero exit, no traceback (each run as a user would)
+
+def test_unknown_dataset_is_refused_with_the_list_of_choices(tmp_path):
+    rc, err, _ = run_cli(tmp_path, "--data", "nope", *TINY)
+    assert rc != 0 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "invalid choice: 'nope'" in last and "'synthetic'" in last and "'dtd'" in last
+
+
+def test_missing_dataset_without_download_fails_in_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    rc, err, _ = run_cli(tmp_path, "--data", "dtd", "--data-dir", str(tmp_path / "data"), *TINY)
+    line = assert_one_line_error(rc, err)
+    assert "DTD" in line and "--download" in line
+
+
+def test_weights_that_cannot_be_downloaded_fail_fast_in_one_line(tmp_path):
+    # On a machine with internet, HF_HUB_OFFLINE stops a real 600 MB download; offline, the real path runs.
+    env = {"HF_HUB_OFFLINE": "1"} if common._hub_reachable() else {}
+    rc, err, seconds = run_cli(tmp_path, "--data", "synthetic", "--clip-model", "ViT-B-32", "--pretrained", "openai",
+                               env=env)
+    line = assert_one_line_error(rc, err)
+    assert "--pretrained" in line
+    # "fast" = no download retries (huggingface_hub's back-off sleeps about 23 s per file). Compared with a run
+    # that fails at the same point without any download, so a busy CI machine slows both alike.
+    _, _, reference = run_cli(tmp_path, "--data", "synthetic", "--clip-model", "ViT-B-32", "--pretrained", "x.pt")
+    assert seconds < reference + 15, (seconds, reference)
+
+
+def test_missing_weights_file_fails_in_one_line(tmp_path):
+    rc, err, _ = run_cli(tmp_path, "--data", "synthetic", "--clip-model", "tiny", "--pretrained", "missing.pt")
+    line = assert_one_line_error(rc, err)
+    assert "missing.pt" in line and "--pretrained" in line
+
+
+@pytest.mark.parametrize("folder", ["empty", "does-not-exist"])
+def test_image_folder_that_is_empty_or_missing_fails_in_one_line(tmp_path, folder):
+    (tmp_path / "empty").mkdir()
+    rc, err, _ = run_cli(tmp_path, "--data", "folder", "--data-dir", str(tmp_path / folder), *TINY)
+    line = assert_one_line_error(rc, err)
+    assert str(tmp_path / folder) in line
+
+
+def test_unreadable_image_in_a_folder_is_named_in_a_one_line_error(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    (root / "dog" / "bad.png").write_bytes(b"this is not a png")
+    rc, err, _ = run_cli(tmp_path, "--data", "folder", "--data-dir", str(root), *TINY)
+    line = assert_one_line_error(rc, err)
+    assert line.startswith("error: cannot read image") and str(root / "dog" / "bad.png") in line
+
+
+def test_unreadable_image_is_named_in_a_one_line_error_also_with_dataloader_workers(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "imgs")
+    (root / "dog" / "bad.png").write_bytes(b"this is not a png")
+    with pytest.raises(SystemExit) as exit_:  # in-process: the same path as the CLI, without a 3 s start-up
+        common.run_cli(lambda: run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(root), "--workers", "1"))
+    line = assert_one_line_error(exit_.value.code, capsys.readouterr().err)
+    assert str(root / "dog" / "bad.png") in line
+
+
+# -----------------------------------------------------------------------------
+# Prompt templates and the zero-shot classifier
+
+def test_zero_shot_weights_for_one_template_equal_the_normalised_text_embedding():
+    model, _, tokenizer = common.load_clip("tiny", "none")
+    names = ["red", "green", "blue"]
+    W = common.zero_shot_weights(model, tokenizer, names, ["a photo of a {}."])  # [3, 64]
+    with torch.no_grad():
+        want = F.normalize(model.encode_text(tokenizer([f"a photo of a {n}." for n in names])), dim=-1)  # [3, 64]
+    assert W.shape == (3, 64) and W.dtype == torch.float32
+    torch.testing.assert_close(W, want)
+
+
+def test_template_sets_have_27_small_and_80_imagenet_entries_each_with_a_placeholder():
+    assert common.get_templates("single") == ["a photo of a {}."]
+    for name, n in (("small", 27), ("imagenet", 80)):
+        templates = common.get_templates(name)
+        assert len(templates) == n and len(set(templates)) == n
+        assert all("{}" in t for t in templates)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation protocols (METHODS.md §1.2)
+
+def test_ssl_protocol_picks_two_distinct_images_per_class_the_same_way_every_time():
+    labels = torch.arange(40) % 4  # [40], 10 images per class
+    idx = common.protocol_ssl(labels, 4)
+    assert len(idx) == 8 and len(set(idx.tolist())) == 8
+    assert torch.bincount(labels[idx], minlength=4).tolist() == [2, 2, 2, 2]
+    assert torch.equal(common.protocol_ssl(labels, 4), idx)
+
+
+@pytest.mark.parametrize("C, n_seen, n_unseen", [(47, 29, 18), (10, 6, 4), (45, 27, 18), (102, 63, 39)])
+def test_trzsl_split_has_the_papers_seen_and_unseen_sizes(C, n_seen, n_unseen):
+    seen, unseen = common.protocol_trzsl(C)
+    assert (len(seen), len(unseen)) == (n_seen, n_unseen)
+    assert sorted(seen.tolist() + unseen.tolist()) == list(range(C))
+
+
+def test_trzsl_split_is_fixed_by_split_seed():
+    seen, _ = common.protocol_trzsl(47, split_seed=500)
+    assert torch.equal(common.protocol_trzsl(47, split_seed=500)[0], seen)
+    assert not torch.equal(common.protocol_trzsl(47, split_seed=0)[0], seen)
+
+
+def test_trzsl_with_a_single_class_is_a_user_error():
+    with pytest.raises(common.UserError):
+        common.protocol_trzsl(1)
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def test_accuracy_and_per_class_accuracy_on_a_hand_example():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0, 0])
+    assert common.accuracy(pred, labels) == pytest.approx(3 / 6)
+    torch.testing.assert_close(common.per_class_accuracy(pred, labels, 4)[:3], torch.tensor([0.5, 2 / 3, 0.0]))
+    assert math.isnan(common.per_class_accuracy(pred, labels, 4)[3])  # class 3 absent from labels
+
+
+def test_harmonic_mean_of_half_and_one_is_two_thirds():
+    assert common.harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert common.harmonic_mean(0.0, 0.0) == 0.0
