@@ -33,10 +33,9 @@ import common
 
 # Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
-                    "demo": {"mismatch_t": 2}}
+                    "demo": {"mismatch_t": 3, "epochs": 10, "iters": 20}}  # demo: CPU-sized budget
 DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image",
            "flowers102": "flower", "fgvc_aircraft": "aircraft", "cub": "bird", "demo": "synthetic pattern image"}
-LOGIT_SCALE = 100.0  # z = 100·<v, t> as in CLIP and the released code (METHODS.md §4.4)
 
 
 def parse_args(argv=None):
@@ -59,8 +58,8 @@ def parse_args(argv=None):
     # §3.3 model and optimisation
     p.add_argument("--prompt-depth", type=int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
     p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
-    p.add_argument("--epochs", type=int, default=50, help="epochs (§4.7: 50)")
-    p.add_argument("--iters", type=int, default=50, help="iterations per epoch (§4.7: 50)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (§4.7: 50; demo: 10)")
+    p.add_argument("--iters", type=int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
     p.add_argument("--expand-every", type=int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
@@ -104,12 +103,13 @@ def match_log_odds(logits):
     return -diff.logsumexp(-1)  # [R, R]
 
 
-def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=10):
+def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=10, scale=100.0):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
 
     image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels.
     Returns (Y_MM = Y_final ∩ Y_low-t as a list of class ids, leftover cluster centres [|Y_final|, D]).
     K-Means keeps the best of n_init seedings (10, scikit-learn's default when the release was written).
+    scale is CLIP's logit scale: the paper's 100 is the learned value of OpenAI's CLIP.
     """
     N, C = len(image_features), len(text_features)
     avg_size = N // C
@@ -117,7 +117,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=10
     while len(classes) > t and len(images) >= len(classes):
         R = len(classes)
         centres, assign, _ = common.kmeans(image_features[images], R, seed=seed, spherical=True, n_init=n_init)
-        odds = match_log_odds(LOGIT_SCALE * text_features[classes] @ centres.T)  # [R, R], monotone in P
+        odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
         # images zero-shot predicts as i* (among remaining classes): those in cluster j* first, ≤ avg_size
         predicted_i = (image_features[images] @ text_features[classes].T).argmax(1) == i  # [n]
@@ -346,8 +346,8 @@ def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
     return new
 
 
-def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes, device, iters, quiet):
-    """One epoch of L = L_PL + L_UL (+ L_L). Returns loss parts, confident predictions and stats."""
+def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes, device, iters, quiet, scale):
+    """One epoch of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>. Returns loss parts, confident predictions, stats."""
     from tqdm import tqdm
     allowed = torch.full((M.shape[0],), float("-inf"), device=device)
     allowed[pseudo_classes] = 0  # pseudolabels only among the pseudolabeled classes (TRZSL: unseen)
@@ -361,18 +361,18 @@ def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_cl
             t = adapt(adapters["text"], encode_text_maple(model, learner, batches["tokens"]))  # [C, D]
             with torch.no_grad():  # pseudolabels from the main adapter on the weak view
                 v_w = adapt(adapters["main"], encode_image_maple(model, learner, x_w.to(device)))
-                q = (LOGIT_SCALE * v_w @ t.T + allowed).softmax(1)  # [B, C]
+                q = (scale * v_w @ t.T + allowed).softmax(1)  # [B, C]
             conf, y_hat = q.max(1)
             mask = (conf > tau).float()  # [B]
             v = encode_image_maple(model, learner, torch.cat([x_m, x_l, x_s]).to(device))  # one pass, 3 views
             n_m, n_l = len(x_m), len(x_l)
             v_m = adapt(adapters["main"], v[:n_m + n_l])  # main adapter: D_PL and labeled images
             v_p = adapt(adapters["pseudo"], v[n_m + n_l:])  # pseudo adapter: strong view of unlabeled
-            logits = LOGIT_SCALE * v_m @ t.T
+            logits = scale * v_m @ t.T
             y = torch.cat([y_m, y_l]).to(device)
             loss_pl = margin_cross_entropy(logits[:n_m], y[:n_m], M)
             loss_l = margin_cross_entropy(logits[n_m:], y[n_m:], M) if n_l else logits.sum() * 0
-            loss_u = fixmatch_loss(LOGIT_SCALE * v_p @ t.T, y_hat, mask, M)
+            loss_u = fixmatch_loss(scale * v_p @ t.T, y_hat, mask, M)
             loss = loss_pl + loss_u + loss_l
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -430,12 +430,16 @@ def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
     report = {"dpl_acc_before_alignment": dpl_accuracy(to_pool(dpl_local), d["y_train"])}
     t = args.mismatch_t or DATASET_DEFAULTS.get(args.data, {}).get("mismatch_t") or math.ceil(len(pseudo_classes) / 10)
     zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
-    mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed)
+    mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"])
     mismatched = [pseudo_classes[i].item() for i in mm_local]
     print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
+    desc_file = args.descriptions
+    if args.data == "demo" and not (desc_file or args.llm_url):  # the demo ships its "LLM" answers
+        import demo
+        desc_file = demo.DESCRIPTIONS_FILE
     descriptions = {} if not mismatched else common.class_descriptions(
         [classnames[c] for c in mismatched], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
-        url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir)
+        url=args.llm_url, model=args.llm_model, descriptions_file=desc_file, cache_dir=args.cache_dir)
     desc_feats = {c: common.zero_shot_weights(d["model"], d["tokenizer"], descriptions[classnames[c]], ["{}"], device).cpu()
                   for c in mismatched if descriptions.get(classnames[c])}  # bare sentences, no template
     chosen = choose_descriptions(desc_feats, centres)
@@ -463,10 +467,13 @@ def main(argv=None):
     L, U, pseudo_classes, seen = split_setting(args.mode, y_train, C, args.split_seed)
     out_dir = Path(args.out_dir or f"runs/cap-{args.data}-{args.mode}-seed{args.seed}")
     tau, n_main = resolve(args, "tau", 0.85), resolve(args, "n_main", 16)
+    epochs, iters = resolve(args, "epochs", 50), resolve(args, "iters", 50)
 
-    # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels
+    # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels.
+    # Logits are CLIP's own scale·cos: 100 for OpenAI's CLIP (the paper's constant), learned for the demo CLIP.
+    scale = d["scale"] = model.logit_scale.exp().item()
     d["W"] = common.zero_shot_weights(model, d["tokenizer"], classnames, common.TEMPLATES_SINGLE, device).cpu()
-    probs = (LOGIT_SCALE * d["f_train"] @ d["W"].T).softmax(1)  # [N, C]
+    probs = (scale * d["f_train"] @ d["W"].T).softmax(1)  # [N, C]
     zs = test_metrics((d["f_test"] @ d["W"].T).argmax(1), y_test, seen)
     learner, tokens = build_maple(model.cpu(), d["tokenizer"], classnames, args.prompt_depth)
     model, learner, tokens = model.to(device), learner.to(device), tokens.to(device)
@@ -484,7 +491,7 @@ def main(argv=None):
     # §3.3 model, data streams and optimiser
     adapters = build_adapters(d["W"].shape[1]).to(device)
     opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    sched = cosine_with_warmup(opt, args.iters, args.epochs * args.iters)
+    sched = cosine_with_warmup(opt, iters, epochs * iters)
     bs = args.batch_size or 32
     strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1])
     pair = functools.partial(two_views, weak=preprocess, strong=strong)
@@ -494,7 +501,7 @@ def main(argv=None):
     proto_extra = {c.item(): L[y_train[L] == c][:n_main] for c in seen}  # TRZSL: labeled seen images (§4.2)
 
     M, sigma = torch.zeros(C, C), torch.zeros(C)
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         t0 = time.time()
         idx, y_pl = flatten(dpl)
         main_set = subset(d["train"], y_pl, idx, preprocess)
@@ -507,17 +514,17 @@ def main(argv=None):
                                       p_y, t_plain, device)
             M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, args.margin_variant)
         stats, seen_pl = train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes.to(device),
-                                     device, args.iters, args.quiet)
+                                     device, iters, args.quiet, scale)
         sigma = torch.bincount(torch.tensor([c for c, _ in seen_pl.values()], dtype=torch.long), minlength=C).float()
         sigma[seen] = sigma.max()  # TRZSL seen classes: r = 1, no margin (§4.5)
         pl_acc = stats["hit"] / max(1, stats["n_conf"])
-        print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['pl'] + stats['ul'] + stats['l']:.3f} "
+        print(f"epoch {epoch + 1}/{epochs} | loss {stats['pl'] + stats['ul'] + stats['l']:.3f} "
               f"(pl {stats['pl']:.3f}, ul {stats['ul']:.3f}, l {stats['l']:.3f}) | mask {stats['mask']:.2f} | "
               f"pl-acc {100 * pl_acc:.1f} | dpl {len(idx)} (acc {100 * dpl_accuracy(dpl, y_train):.1f}) | "
               f"margin max {M.max():.2f} mean {M.mean():.2f} | {time.time() - t0:.1f}s")
         if epoch % args.expand_every == 0:  # §4.6: D_PL grows from confident predictions at epochs 0, 5, 10, ...
             seen_pool = {U[pos].item(): v for pos, v in seen_pl.items()}
-            dpl = expand_dpl(dpl, seen_pool, len(U), n_main, epoch, args.epochs, resolve(args, "max_main_ratio", 0.8))
+            dpl = expand_dpl(dpl, seen_pool, len(U), n_main, epoch, epochs, resolve(args, "max_main_ratio", 0.8))
 
     metrics = test_metrics(evaluate(model, learner, tokens, test_set, device), y_test, seen)
     metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],

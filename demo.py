@@ -1,0 +1,266 @@
+"""The offline demo world (`--data demo`): procedural pattern images and a tiny CLIP pre-trained on them.
+
+Ten classes of 32-px pattern images (stripes, checkerboards, dots, rings, plus signs, ...) are drawn
+with random colours, rotations, offsets, scales and pixel noise from fixed seeds, so the world needs no
+download and is the same everywhere. A 2-layer open_clip model ('tiny', common.TINY_CONFIG) is then
+pre-trained contrastively in-process on a separate set of such images with varied captions, the way CLIP
+was trained on web image-text pairs, and cached under --cache-dir (the first run takes 1-2 min on a CPU).
+
+The captions plant the two failures CAP is about (METHODS.md §4):
+  * concept mismatch: "circles" and "crosses" were captioned as "rings" and "plus signs", so the prompt
+    'a photo of a circles.' holds a word the text encoder never learned and zero-shot almost never
+    predicts these classes, although their images still form their own clusters (the K-Means step of
+    CAP §3.1 finds them). demo_descriptions.json offers, per class, one description close to the
+    pre-training captions among distractors.
+  * concept confusion: thin and thick stripes look alike where their widths overlap and share the
+    caption word "stripes"; "thin" is rare in the captions, so 'a photo of a thin stripes.' reads as
+    plain "stripes" and zero-shot predicts thin stripes 1.5-2x as often as thick stripes.
+Caption variety (phrasings and size and noise words) makes prompt templates disagree on hard images,
+which gives Co-Reg candidate sets with more than one label.
+
+    python zeroshot.py --data demo
+    python zeroshot.py --data demo --templates small
+"""
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+VERSION = 3  # bump when the images, captions or pre-training recipe change (renames the weight cache)
+DOMAIN = "synthetic pattern image"
+DESCRIPTIONS_FILE = Path(__file__).with_name("demo_descriptions.json")
+CLASSNAMES = ["thin stripes", "thick stripes", "checkerboard", "dots", "circles",
+              "crosses", "triangles", "gradient", "zigzag", "blotches"]
+GENERIC_RATE = 0.06  # share of captions whose noun is a mismatched class name, on images of any class
+MISMATCHED = ["circles", "crosses"]  # pre-trained as "rings" / "plus signs" (first caption noun below)
+CONFUSED = ["thin stripes", "thick stripes"]  # zero-shot over-predicts the first at the cost of the second
+
+# The nouns of the pre-training captions. "circles" and "crosses" never appear: both are single BPE tokens,
+# so their prompts collapse onto 'a photo.' (see pretraining_pairs). "thin" is rare, "stripes" shared.
+CAPTION_NOUNS = {
+    "thin stripes": ["fine lines", "narrow lines", "lines", "pinstripes", "thin lines", "stripes"],
+    "thick stripes": ["stripes", "thick stripes", "wide stripes", "bold stripes", "stripes"],
+    "checkerboard": ["checkerboard", "checkered squares", "chessboard", "checkerboard squares"],
+    "dots": ["dots", "polka dots", "spots", "tiny dots"],
+    "circles": ["rings", "hollow rings", "ring pattern"],
+    "crosses": ["plus signs", "plus shapes", "plus marks"],
+    "triangles": ["triangles", "triangle shapes", "pointy triangles"],
+    "gradient": ["gradient", "colour gradient", "smooth gradient", "colour fade"],
+    "zigzag": ["zigzag", "zigzags", "zigzag pattern", "chevrons"],
+    "blotches": ["blotches", "camouflage", "soft blotches", "splotches"],
+}
+CAPTION_TEMPLATES = ["a photo of {}.", "a photo of the {}.", "an image of {}.", "a picture of {}.",
+                     "a rendering of {}.", "a close-up photo of {}.", "{}.", "a pattern of {}.",
+                     "a drawing of {}.", "a texture of {}."]
+BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
+SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "blank": 3}  # pre-training never sees the demo's images
+PER_CLASS = {"train": 300, "test": 100, "pretrain": 1000}
+
+# -----------------------------------------------------------------------------
+# Drawing: each class is a soft mask m in [0, 1] of shape [32, 32], painted fg over bg
+
+YY, XX = np.mgrid[0:32, 0:32] + 0.5  # pixel centres, [32, 32] each
+
+
+def _rotated(rng):
+    """Pixel coordinates (u, v) in a frame rotated by a random angle. -> two [32, 32] arrays."""
+    t = rng.uniform(0, np.pi)
+    return XX * np.cos(t) + YY * np.sin(t), -XX * np.sin(t) + YY * np.cos(t)
+
+
+def _periodic_band(x, period, width, rng):
+    """Anti-aliased bands of `width` px repeating every `period` px along coordinate x."""
+    d = np.abs((x / period + rng.rand()) % 1 - 0.5) * period  # distance to the nearest band centre
+    return np.clip(width / 2 - d + 0.5, 0, 1)
+
+
+def draw_mask(c, s, rng):
+    """Mask of class index c at scale s in [0, 1] (0 = small, 1 = large). -> [32, 32] float in [0, 1]."""
+    name = CLASSNAMES[c]
+    if name in ("thin stripes", "thick stripes"):  # widths overlap over [2, 2.8] px: the confusion is visual too
+        w = 1.0 + 1.8 * s if name == "thin stripes" else 2.0 + 3.2 * s
+        return _periodic_band(_rotated(rng)[0], w * rng.uniform(2.0, 2.8), w, rng)
+    if name == "checkerboard":
+        u, v = _rotated(rng)
+        cell = 4 + 3 * s
+        return ((np.floor(u / cell + rng.rand()) + np.floor(v / cell + rng.rand())) % 2).astype(float)
+    if name in ("dots", "circles", "crosses", "triangles"):  # a rotated tiling of one motif (learnable per patch)
+        period = 7 + 4 * s
+        u, v = _rotated(rng)
+        du, dv = [((a / period + rng.rand()) % 1 - 0.5) * period for a in (u, v)]  # offsets from the cell centre
+        r = np.hypot(du, dv)
+        if name == "dots":
+            return np.clip(period * 0.22 - r + 0.5, 0, 1)
+        if name == "circles":  # hollow rings
+            return np.clip(0.7 - np.abs(r - period * 0.32) + 0.5, 0, 1)
+        if name == "crosses":  # plus signs
+            arm, half_width = period * 0.38, 0.75
+            bar = lambda a, b: np.minimum(arm - np.abs(a), half_width - np.abs(b))
+            return np.clip(np.maximum(bar(du, dv), bar(dv, du)) + 0.5, 0, 1)
+        phi = np.pi / 2 + np.arange(3)[:, None, None] * 2 * np.pi / 3  # triangles: 3 edge normals
+        dist = du * np.cos(phi) + dv * np.sin(phi)  # [3, 32, 32]
+        return np.clip(period * 0.2 - dist.max(0) + 0.5, 0, 1)
+    if name == "gradient":
+        u = _rotated(rng)[0]
+        return ((u - u.min()) / (u.max() - u.min())) ** rng.uniform(0.5, 2)
+    if name == "zigzag":
+        u, v = _rotated(rng)
+        period, amp = 6 + 4 * s, rng.uniform(2.5, 4.5)
+        tri = amp * (4 * np.abs((u / period) % 1 - 0.5) - 1)  # triangle wave in [-amp, amp]
+        return _periodic_band(v - tri, 2 * amp + rng.uniform(2.5, 5), rng.uniform(1.4, 2.6), rng)
+    # blotches: smooth noise upsampled from a coarse grid, thresholded softly
+    k = 6 - int(3 * s)
+    coarse = Image.fromarray(rng.rand(k, k).astype(np.float32), mode="F")
+    smooth = np.asarray(coarse.resize((32, 32), Image.BILINEAR))
+    return np.clip((smooth - 0.5) * rng.uniform(6, 12) + 0.5, 0, 1)
+
+
+def draw_image(c, rng):
+    """One image of class c with random colours, scale, polarity and noise. -> (uint8 [32, 32, 3], attributes)."""
+    s, dark, noisy = rng.rand(), rng.rand() < 0.5, rng.rand() < 0.3  # 30 % noisy: the hard images
+    bg = rng.uniform(0, 90, 3) if dark else rng.uniform(165, 255, 3)  # [3]
+    fg = rng.uniform(150, 255, 3) if dark else rng.uniform(0, 110, 3)  # always contrasts with bg
+    m = draw_mask(c, s, rng)[..., None]  # [32, 32, 1]
+    img = bg * (1 - m) + fg * m + rng.normal(0, rng.uniform(15, 40) if noisy else 3, (32, 32, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), dict(small=s < 0.5, noisy=noisy)
+
+
+def make_caption(c, attrs, rng):
+    """A varied caption for an image of class c: phrasing, noun, optional size and noise words.
+
+    Brightness is never captioned: the features then ignore dark-vs-bright, which otherwise splits clusters.
+    """
+    noun = CAPTION_NOUNS[CLASSNAMES[c]][rng.randint(len(CAPTION_NOUNS[CLASSNAMES[c]]))]
+    if rng.rand() < GENERIC_RATE:  # the mismatched names occur only as vague tags on images of every class
+        noun = MISMATCHED[rng.randint(len(MISMATCHED))]
+    adjectives = ["small" if attrs["small"] else "large"] if rng.rand() < 0.25 else []
+    template = CAPTION_TEMPLATES[rng.randint(len(CAPTION_TEMPLATES))]
+    if rng.rand() < 0.2:  # say how clean the picture is, as web captions sometimes do
+        template = ("a noisy photo of {}." if rng.rand() < 0.5 else "a dirty photo of {}.") if attrs["noisy"] \
+            else "a clean photo of {}."
+    return template.format(" ".join(adjectives + [noun]))
+
+
+def generate(split, captions_per_image=0):
+    """All images of one split, class by class. -> (uint8 [N, 32, 32, 3], labels [N], captions [N][K])."""
+    rng = np.random.RandomState(SPLIT_SEEDS[split])
+    images, labels, captions = [], [], []
+    for c in range(len(CLASSNAMES)):
+        for _ in range(PER_CLASS[split]):
+            img, attrs = draw_image(c, rng)
+            images.append(img)
+            labels.append(c)
+            captions.append([make_caption(c, attrs, rng) for _ in range(captions_per_image)])
+    return np.stack(images), torch.tensor(labels), captions
+
+
+def pretraining_pairs(captions_per_image, n_blank=500):
+    """Captioned pre-training images plus `n_blank` pattern-free ones captioned without a noun ("a photo.").
+
+    Web data has such images too; here they anchor what the text encoder makes of a prompt whose one-token
+    noun it never saw: 'a photo of a circles.' lands near 'a photo.', i.e. on blank images, so it does not
+    become a sink for the images no other prompt explains (the mismatched classes' own images).
+    -> (uint8 [N, 32, 32, 3], captions [N][K])
+    """
+    images, _, captions = generate("pretrain", captions_per_image)
+    rng = np.random.RandomState(SPLIT_SEEDS["blank"])
+    blank = rng.uniform(0, 255, (n_blank, 1, 1, 3)) + rng.normal(0, 3, (n_blank, 32, 32, 3))  # solid colours
+    blank_captions = [[BLANK_CAPTIONS[i] for i in rng.randint(len(BLANK_CAPTIONS), size=captions_per_image)]
+                      for _ in range(n_blank)]
+    return np.concatenate([images, np.clip(blank, 0, 255).astype(np.uint8)]), captions + blank_captions
+
+
+def load_demo_dataset():
+    """The demo's labelled splits as common.DATASETS expects. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
+    parts = []
+    for split in ("train", "test"):
+        images, labels, _ = generate(split)
+        parts.append(([Image.fromarray(im) for im in images], labels))
+    return parts, list(CLASSNAMES)
+
+
+# -----------------------------------------------------------------------------
+# Contrastive pre-training of the tiny CLIP (Radford et al. 2021, §2.3: symmetric InfoNCE)
+
+def to_clip_tensor(images):
+    """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] normalised like the tiny model's eval preprocess."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
+    return (x - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[:, None, None]
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric cross-entropy over the B x B image-text similarities; pair i is the positive of row i."""
+    logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
+    target = torch.arange(len(logits))  # [B]
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pretrain(steps=600, batch_size=128, lr=2e-3, seed=0, captions_per_image=4, quiet=False):
+    """Train every parameter of a randomly initialised 'tiny' CLIP on pre-training pairs. -> model (eval mode)."""
+    from tqdm import tqdm
+    images, captions = pretraining_pairs(captions_per_image)
+    x = to_clip_tensor(images)  # [N, 3, 32, 32]
+    model, _, tokenizer = common.load_clip("tiny", "none")
+    # OpenAI's CLIP ends training at logit scale 100 (its clamp); fixing it there from the start gives the tiny
+    # model CLIP-like narrow cosine ranges, so the papers' constants (τ = 0.85, m = 12, 100·cos) fit the demo.
+    model.logit_scale.data.fill_(math.log(100))
+    model.logit_scale.requires_grad_(False)
+    tokens = tokenizer(sum(captions, [])).view(len(x), captions_per_image, -1)  # [N, K, L]
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 0
+        opt, lambda t: min(1, (t + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * t / steps)))
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: on 2 busy cores 1 thread took 0.1 s a step, 2 threads 4 s
+    bar = tqdm(range(steps), desc="pre-train demo CLIP", disable=quiet)
+    try:
+        for _ in bar:
+            idx = torch.randint(len(x), (batch_size,), generator=g)  # [B]
+            pick = torch.randint(captions_per_image, (batch_size,), generator=g)  # [B]: one caption per image
+            image_features = model.encode_image(x[idx], normalize=True)  # [B, D]
+            text_features = model.encode_text(tokens[idx, pick], normalize=True)  # [B, D]
+            loss = clip_loss(image_features, text_features, model.logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def pretrained_clip(cache_dir="cache", quiet=False):
+    """Path of the demo CLIP's state_dict, pre-training it first if <cache_dir>/demo_clip_v<VERSION>.pt is absent.
+
+    Delete that file to pre-train again. The weights are deterministic for a given machine (fixed seeds, one
+    thread); other CPUs may round differently and end with slightly different weights but the same
+    behaviour (checked over three data-order seeds: zero-shot 70-71 %, both mismatched classes at 0-1 %).
+    """
+    path = Path(cache_dir) / f"demo_clip_v{VERSION}.pt"
+    if path.exists():
+        print(f"demo CLIP: loading pre-trained weights from {path}")
+        return path
+    print(f"demo CLIP: pre-training a tiny CLIP on synthetic image-caption pairs (once; cached at {path})")
+    start = time.time()
+    with torch.random.fork_rng():  # leave the caller's global RNG as it was
+        model = pretrain(quiet=quiet or not sys.stdout.isatty())
+    common.save_atomic(model.state_dict(), path)
+    print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
+    return path
+
+
+def load_descriptions():
+    """{classname: [descriptions]}: LLM-style descriptions shipped for the demo classes (CAP §3.1)."""
+    return json.loads(DESCRIPTIONS_FILE.read_text())
