@@ -25,7 +25,7 @@ case "$what" in
   demo)
     for seed in $SEEDS; do
       $PY zeroshot.py --data demo --seed $seed --out-dir runs/demo/zeroshot-seed$seed "$@"
-      $PY cap.py --data demo --mode ul --seed $seed --descriptions demo_descriptions.json --out-dir runs/demo/cap-seed$seed "$@"
+      $PY cap.py --data demo --mode ul --seed $seed --out-dir runs/demo/cap-seed$seed "$@"
       $PY coreg.py --data demo --seed $seed --out-dir runs/demo/coreg-seed$seed "$@"
     done
     $PY summarize.py runs/demo
