@@ -579,19 +579,20 @@ def _sq_dists(x, x_sq, c, chunk):
 
 
 def _kmeans_pp(x, x_sq, k, g):
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is a point drawn with probability
-    ∝ its squared distance to the nearest centre so far. One matrix-vector product per centre. -> [K, D]"""
-    n, idx = len(x), []
-    d2 = torch.ones(n, dtype=torch.float64, device=x.device)  # [N] sq. distance to the nearest centre (all 1: uniform)
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): the first centre is a uniform draw, each next one a
+    point drawn with probability ∝ its squared distance to the nearest centre so far. -> [K, D]"""
+    n, idx, zero = len(x), [], x_sq.new_zeros(())
+    d2 = torch.full_like(x_sq, float("inf"))  # [N] squared distance to the nearest chosen centre
+    i = torch.randint(n, (1,), generator=g, device=x.device).item()
     for _ in range(k):
-        # inverse-CDF draw, P(i) ∝ d2[i]; if every d2 is 0 (k > distinct points) it takes the last point
-        cdf = d2.cumsum(0)  # [N], float64 so that 100k small terms add up exactly enough
-        u = torch.rand(1, generator=g, dtype=torch.float64, device=x.device)  # [1] in [0, 1)
-        i = min(torch.searchsorted(cdf, u * cdf[-1], right=True).item(), n - 1)  # first i with cdf[i] > u·total
-        d_new = torch.addmv(x_sq, x, x[i], alpha=-2).add_(x_sq[i]).clamp_min_(0)  # [N] |x|² − 2x·xᵢ + |xᵢ|²
-        d2 = torch.minimum(d2, d_new) if idx else d_new.double()
-        d2[i] = 0  # exactly 0 for the chosen point itself (round-off would let it be drawn again)
         idx.append(i)
+        d_new = torch.addmv(x_sq, x, x[i], alpha=-2).add_(x_sq[i])  # [N] |x|² − 2x·xᵢ + |xᵢ|²
+        d2 = d_new.clamp_(min=zero, max=d2)  # [N] min(d2, d_new), floored at 0 (round-off), in one pass
+        d2[i] = 0  # exactly 0 for the chosen point itself (round-off would let it be drawn again)
+        # next centre by inverse CDF, P(j) ∝ d2[j]; if every d2 is 0 (k > distinct points): the last point
+        cdf = d2.cumsum(0)  # [N] (on CPU torch accumulates float32 cumsums in float64)
+        u = torch.rand(1, generator=g, device=x.device)  # [1] in [0, 1)
+        i = min(torch.searchsorted(cdf, u * cdf[-1], right=True).item(), n - 1)  # first j with cdf[j] > u·total
     return x[idx]  # [K, D] (advanced indexing copies)
 
 

@@ -1,0 +1,241 @@
+"""Tests for coreg.py (Co-Reg): hand-checked pieces of the algorithm, then a CPU smoke run.
+
+    python -m pytest -q test_coreg.py
+
+Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP (about 30 s).
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coreg
+
+# -----------------------------------------------------------------------------
+# Annotation
+
+
+def test_candidate_union_collects_each_templates_top1():
+    # 3 templates, 2 images, 4 classes: image 0 -> top-1s {0, 0, 2}, image 1 -> {3, 3, 3}
+    probs = torch.tensor([[[.7, .1, .1, .1], [.1, .1, .1, .7]],
+                          [[.6, .2, .1, .1], [.1, .1, .2, .6]],
+                          [[.3, .1, .5, .1], [.2, .1, .1, .6]]])  # [T, N, C]
+    S = coreg.candidate_sets(probs, "union")
+    assert S.tolist() == [[True, False, True, False], [False, False, False, True]]
+
+
+def test_candidate_topk_and_ratio_use_the_template_mean():
+    probs = torch.tensor([[[.5, .3, .15, .05]]])  # one template, one image
+    assert coreg.candidate_sets(probs, "topk", k=2).tolist() == [[True, True, False, False]]
+    # ratio 0.5: keep p >= 0.25 -> classes 0 and 1
+    assert coreg.candidate_sets(probs, "ratio", k=4, ratio=0.5).tolist() == [[True, True, False, False]]
+
+
+def test_annotation_stats_hand_values():
+    probs = torch.tensor([[[.9, .1], [.2, .8], [.6, .4]]])  # template 0 labels: 0, 1, 0
+    S = torch.tensor([[True, False], [True, True], [False, True]])
+    stats = coreg.annotation_stats(probs, S, torch.tensor([0, 0, 0]))
+    assert stats["cand_size"] == pytest.approx(4 / 3)
+    assert stats["cand_coverage"] == pytest.approx(2 / 3)
+    assert stats["noisy_label_acc"] == pytest.approx(2 / 3)
+
+
+# -----------------------------------------------------------------------------
+# Losses and targets
+
+
+def test_partial_ce_is_minus_log_candidate_mass_and_skips_all_class_sets():
+    logits = torch.tensor([[1., 2., 3., 4.], [5., 0., 0., 0.]]).log()  # p = [.1, .2, .3, .4] in row 0
+    S = torch.tensor([[False, True, False, True], [True, True, True, True]])  # row 1: all classes -> skipped
+    assert coreg.partial_ce(logits, S).item() == pytest.approx(-math.log(0.6), abs=1e-6)
+    assert coreg.partial_ce(logits[1:], S[1:]).item() == 0.0
+
+
+def test_negative_entropy_of_uniform_is_minus_log_c():
+    assert coreg.neg_entropy(torch.zeros(3, 5)).item() == pytest.approx(-math.log(5))
+
+
+def test_maxi_cand_loss_uses_the_best_candidate():
+    p = torch.tensor([[.5, .3, .2]])
+    S = torch.tensor([[False, True, True]])
+    assert coreg.maxi_cand_loss(p, S).item() == pytest.approx(-math.log(0.3))
+
+
+def test_distribution_alignment_keeps_rows_summing_to_one():
+    p = torch.tensor([[.9, .1], [.5, .5]])  # mean [.7, .3]
+    q = coreg.distribution_alignment(p, torch.tensor([.5, .5]))
+    a, b = .9 / .7, .1 / .3
+    assert torch.allclose(q[0], torch.tensor([a / (a + b), b / (a + b)]))
+    assert torch.allclose(q.sum(1), torch.ones(2))
+    r = coreg.distribution_alignment(torch.rand(50, 7, generator=torch.Generator().manual_seed(0)).softmax(1),
+                                     torch.full((7,), 1 / 7))
+    assert torch.allclose(r.sum(1), torch.ones(50))
+
+
+def test_sharpen_hand_value_and_identity_at_t_one():
+    p = torch.tensor([[.6, .4]])
+    assert torch.allclose(coreg.sharpen(p, 0.5), torch.tensor([[.36 / .52, .16 / .52]]))
+    assert torch.allclose(coreg.sharpen(p, 1.0), p)
+
+
+def test_co_refine_interpolates_between_other_net_and_own_prediction():
+    s_hat, p_own = torch.tensor([[1., 0.]]), torch.tensor([[.2, .8]])
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([1.]), p_own, 1.0), s_hat)
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([0.]), p_own, 1.0), p_own)
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([.5]), p_own, 1.0), torch.tensor([[.6, .4]]))
+
+
+def test_mixup_targets_sum_to_one_and_stay_nearer_their_own_sample():
+    t = F.one_hot(torch.arange(8) % 3, 3).float()
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    xm, tm = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(tm.sum(1), torch.ones(8))
+    assert (tm[t.bool()] >= 0.5 - 1e-6).all()  # λ = max(λ, 1 − λ) on the own label
+    xm2, tm2 = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
+    assert torch.equal(xm, xm2) and torch.equal(tm, tm2)
+
+
+def test_semi_loss_is_zero_for_an_empty_noisy_split():
+    loss_x, loss_u = coreg.semi_loss(torch.zeros(2, 4), torch.full((2, 4), .25), torch.zeros(0, 4), torch.zeros(0, 4))
+    assert loss_x.item() == pytest.approx(math.log(4)) and loss_u.item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Co-divide: the GMM
+
+
+def test_gmm_recovers_two_gaussians():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.2 + 0.05 * torch.randn(2000, generator=g), 0.7 + 0.08 * torch.randn(1000, generator=g)])
+    w, means = coreg.gmm_1d(x)
+    assert sorted(means.tolist()) == pytest.approx([0.2, 0.7], abs=0.05)
+    assert w[:2000].mean() > 0.97 and w[2000:].mean() < 0.03  # w = P(low-mean component)
+
+
+def test_gmm_on_constant_losses_stays_finite():
+    w, means = coreg.gmm_1d(torch.zeros(10))
+    assert torch.isfinite(w).all() and torch.isfinite(means).all()
+
+
+# -----------------------------------------------------------------------------
+# Prototypes and noisy supervised contrastive learning
+
+
+def test_supcon_mask_ignores_same_label_pairs_with_a_noisy_sample():
+    labels_q, clean_q = torch.tensor([0, 0, 1]), torch.tensor([True, False, True])
+    # keys: the 3 queries' own views, then a queue of 3 entries
+    labels_k = torch.cat([labels_q, torch.tensor([0, 1, 0])])
+    clean_k = torch.cat([clean_q, torch.tensor([True, True, False])])
+    pos, valid = coreg.supcon_mask(labels_q, clean_q, labels_k, clean_k)
+    T, F_ = True, False
+    assert pos.tolist() == [[T, F_, F_, T, F_, F_],   # clean 0: own key + clean queue 0
+                            [F_, T, F_, F_, F_, F_],  # noisy 0: own key only
+                            [F_, F_, T, F_, T, F_]]   # clean 1: own key + clean queue 1
+    assert valid.tolist() == [[T, F_, T, T, T, F_],   # same label with a noisy key: ignored
+                              [F_, T, T, F_, T, F_],  # noisy anchor: every same-label pair ignored
+                              [T, T, T, T, T, T]]
+    assert not (pos & ~valid).any()
+
+
+def test_supcon_loss_with_orthogonal_keys_hand_value():
+    q = torch.eye(4)[:2]  # anchors e0, e1
+    keys = torch.eye(4)  # own keys e0, e1, plus two orthogonal queue keys
+    pos, valid = coreg.supcon_mask(torch.tensor([0, 1]), torch.tensor([True, True]),
+                                   torch.tensor([0, 1, 2, 3]), torch.ones(4, dtype=torch.bool))
+    expected = -math.log(math.e / (math.e + 3))  # at τ = 1: e^1 for the own key, e^0 for 3 others
+    assert coreg.supcon_loss(q, keys, pos, valid, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_prototypes_move_towards_embeddings_and_stay_normalised():
+    protos = torch.zeros(2, 3)
+    coreg.update_prototypes(protos, torch.tensor([[1., 0., 0.], [0., 1., 0.]]), torch.tensor([1, 1]), m=0.5)
+    assert protos[0].abs().sum() == 0
+    assert torch.allclose(protos[1].norm(), torch.tensor(1.)) and protos[1, 1] > 0 and protos[1, 0] > 0
+
+
+def test_queue_is_a_ring_buffer():
+    q = coreg.new_queue(4, "cpu")
+    for i in range(3):
+        coreg.enqueue(q, torch.full((2, coreg.EMB_DIM), float(i)), torch.full((2,), i), torch.ones(2, dtype=torch.bool))
+    assert q["n"] == 4 and q["ptr"] == 2
+    assert q["labels"].tolist() == [2, 2, 1, 1]
+
+
+# -----------------------------------------------------------------------------
+# Data, network, schedule
+
+
+def test_weak_augment_is_a_seeded_padded_crop_or_flip():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    a = coreg.weak_augment(x, torch.Generator().manual_seed(0))
+    b = coreg.weak_augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    s = coreg.strong_augment(x, torch.Generator().manual_seed(0))
+    assert s.shape == x.shape and s.dtype == torch.uint8
+
+
+def test_networks_return_logits_and_unit_embeddings_at_32_and_64_px():
+    for arch in ("narrow", "preact18"):
+        net = coreg.build_net(arch, 5, 0, "cpu").eval()
+        for size in (32, 64):
+            logits, emb = net(torch.randn(2, 3, size, size))
+            assert logits.shape == (2, 5) and emb.shape == (2, coreg.EMB_DIM)
+            assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    a, b = coreg.build_net("narrow", 5, 3, "cpu"), coreg.build_net("narrow", 5, 3, "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_cosine_lr_runs_from_lr_to_a_thousandth():
+    assert coreg.cosine_lr(0, 0.01, 100) == pytest.approx(0.01)
+    assert coreg.cosine_lr(100, 0.01, 100) == pytest.approx(1e-5)
+    assert coreg.cosine_lr(100, 0.01, 800) > 0.009  # the released 800-epoch period stops at a high LR
+
+
+# -----------------------------------------------------------------------------
+# End to end (CPU, synthetic data, random tiny CLIP)
+
+SMOKE = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--arch", "narrow",
+         "--epochs", "3", "--warm-up", "1", "--start-cont", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Three runs: seed 1 twice, seed 2 once. One thread: much faster for these tiny ops on a shared CPU."""
+    tmp, threads = tmp_path_factory.mktemp("coreg"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {name: coreg.main(SMOKE + ["--cache-dir", str(tmp / "cache"), "--out-dir", str(tmp / name),
+                                          "--seed", seed])
+                for name, seed in (("a", "1"), ("b", "1"), ("c", "2"))}
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, runs
+
+
+def test_smoke_run_writes_results_and_networks(smoke):
+    tmp, runs = smoke
+    m = runs["a"]
+    for key in ("test_acc", "test_acc_net1", "test_acc_net2", "pseudolabel_acc", "clean_frac", "cand_coverage",
+                "noisy_label_acc", "zeroshot_test_acc"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert 1.0 <= m["cand_size"] <= 4.0 and m["params_deployed"] > 0 and m["params_clip_image"] > 0
+    res = json.loads((tmp / "a" / "results.json").read_text())
+    assert res["metrics"]["test_acc"] == m["test_acc"] and len(res["history"]) == 3
+    warm, co, cont = res["history"]  # epoch 1 warm-up, epoch 2 co-training, epoch 3 + contrastive
+    assert warm["clean"] is None and co["x"] > 0 and co["cont"] == 0 and cont["cont"] > 0
+    nets = torch.load(tmp / "a" / "coreg_nets.pt", weights_only=True)
+    net = coreg.build_net("narrow", 4, 0, "cpu")
+    net.load_state_dict(nets["net2"])
+
+
+def test_same_seed_same_metrics(smoke):
+    _, runs = smoke
+    assert runs["a"] == runs["b"]
+
+
+def test_different_seed_changes_the_training_run(smoke):
+    tmp, _ = smoke
+    history = [json.loads((tmp / r / "results.json").read_text())["history"] for r in ("a", "c")]
+    assert [h["loss"] for h in history[0]] != [h["loss"] for h in history[1]]
