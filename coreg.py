@@ -12,8 +12,8 @@ Wang et al., "Pre-Trained Vision-Language Models as Partial Annotators" (arXiv 2
 Section references are to METHODS.md §5 (the notes this code was written from); equation numbers are
 not cited because the paper's numbering was not available offline.
 
-    python coreg.py --data demo --arch narrow --epochs 30             # offline demo world, CPU
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
+    python coreg.py --data demo --arch narrow --epochs 12 --warm-up 8 --start-cont 2 --batch-size 64 --lr 0.05
     python coreg.py --data synthetic --clip-model tiny --pretrained none --arch narrow --epochs 3 --warm-up 1
 """
 import argparse
