@@ -102,7 +102,11 @@ def _fit_fn(peer, n_iter, seed, info):
         torch.set_num_threads(THREADS)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import common
-        return lambda x, k: [t.numpy() for t in common.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)[:2]]
+
+        def fit(x, k):
+            centroids, assign, _ = common.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)
+            return centroids.numpy(), assign.numpy()
+        return fit
     if peer == "faiss":
         import faiss
         faiss.omp_set_num_threads(THREADS)

@@ -564,7 +564,7 @@ def write_results(out_dir, config, metrics, start_time, extra=None):
 # K-Means (hand-written, device-agnostic; CAP §3.1 runs it once per removed class)
 
 def _sq_dists(x, x_sq, c, chunk):
-    """Nearest centroid of every row, from |x|² − 2x·cᵀ + |c|² in row chunks. -> (assign [N], sq. distance [N])"""
+    """Nearest centroid per row via |x|² − 2x·cᵀ + |c|², in row chunks. -> (assign [N], sq. distance [N])"""
     # MKL's CPU GEMM is ~1.5x slower when K is not a multiple of 8 (K=47: 6.0 ms, padded to 48: 3.8 ms,
     # one core), so pad with dummy centres at infinite distance, which the argmin never picks
     pad = -len(c) % 8
@@ -573,7 +573,7 @@ def _sq_dists(x, x_sq, c, chunk):
     assign = torch.empty(len(x), dtype=torch.long, device=x.device)  # [N]
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)  # [N]
     for s in range(0, len(x), chunk):  # memory stays O(chunk * K)
-        d = torch.addmm(c_sq, x[s:s + chunk], c.T, alpha=-2)  # [B, K] |c|² − 2x·cᵀ; |x|² does not move the argmin
+        d = torch.addmm(c_sq, x[s:s + chunk], c.T, alpha=-2)  # [B, K'] |c|² − 2x·cᵀ (|x|² can't move the argmin)
         torch.min(d, 1, out=(dist[s:s + chunk], assign[s:s + chunk]))
     return assign, dist.add_(x_sq).clamp_min_(0)  # float32 round-off can dip just below 0
 
