@@ -146,8 +146,8 @@ def test_kmeans_result_does_not_depend_on_chunk_size():
 def test_spherical_kmeans_gives_unit_centroids_and_recovers_clusters_on_the_sphere():
     g = torch.Generator().manual_seed(0)
     directions = F.normalize(torch.randn(4, 32, generator=g), dim=1)  # [4, 32]
-    x, y = blobs(30, directions, 0.05, seed=1)
-    x = F.normalize(x, dim=1)  # [120, 32] on the unit sphere
+    x, y = blobs(30, directions, 0.02, seed=1)
+    x = F.normalize(x, dim=1)  # [120, 32] on the unit sphere, cluster radius ~0.11
     c, assign, _ = common.kmeans(x, 4, seed=0, spherical=True)
     assert torch.allclose(c.norm(dim=1), torch.ones(4), atol=1e-5)
     assert same_partition(assign, y)
