@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, RandomSampler
 
 import common
 
@@ -171,8 +171,7 @@ def align_pseudolabels(dpl, image_features, description_features, K):
 
 
 def dpl_accuracy(dpl, labels):
-    idx = torch.cat(list(dpl.values()))
-    y = torch.cat([torch.full((len(v),), c) for c, v in dpl.items()])
+    idx, y = flatten(dpl)
     return common.accuracy(y, labels[idx])
 
 
@@ -429,7 +428,7 @@ def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
     dpl_local = initial_pseudolabels(probs[U], pseudo_classes, n_main)
     to_pool = lambda dpl: {c: U[i] for c, i in dpl.items()}
     report = {"dpl_acc_before_alignment": dpl_accuracy(to_pool(dpl_local), d["y_train"])}
-    t = args.mismatch_t or DATASET_DEFAULTS.get(args.data, {}).get("mismatch_t") or math.ceil(len(pseudo_classes) / 10)
+    t = resolve(args, "mismatch_t", math.ceil(len(pseudo_classes) / 10))
     zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
     mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"])
     mismatched = [pseudo_classes[i].item() for i in mm_local]

@@ -7,7 +7,6 @@ and the results writer. Every function is plain torch and can be copied on its o
 """
 import hashlib
 import json
-import math
 import os
 import random
 import subprocess
@@ -432,6 +431,17 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+def write_text_atomic(text, path):
+    """Write text to a temp file in the same folder, then rename (results.json, LLM replies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def load_cached(path, keys):
     """Load a cache file with weights_only=True; None (with a one-line warning) if missing or corrupt."""
     path = Path(path)
@@ -550,14 +560,9 @@ def versions():
 
 def write_results(out_dir, config, metrics, start_time, extra=None):
     """results.json = {config, metrics, elapsed_s, versions, **extra}, written atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     res = {"config": config, "metrics": metrics, "elapsed_s": round(time.time() - start_time, 2),
            "versions": versions(), **(extra or {})}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=float))
-    os.replace(tmp, out / "results.json")
-    return out / "results.json"
+    return write_text_atomic(json.dumps(res, indent=2, default=float), Path(out_dir) / "results.json")
 
 
 # -----------------------------------------------------------------------------
@@ -749,11 +754,7 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     else:
         raise LLMError(f"{endpoint}: {why} (after {attempts} attempts)")
     if cache_file is not None:  # temp file + rename: never a half-written cache
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**body, "contents": contents}, f, indent=1)
-        os.replace(tmp, cache_file)
+        write_text_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
     return contents
 
 

@@ -21,7 +21,6 @@ which gives Co-Reg candidate sets with more than one label.
     python zeroshot.py --data demo
     python zeroshot.py --data demo --templates small
 """
-import json
 import math
 import sys
 import time
@@ -259,8 +258,3 @@ def pretrained_clip(cache_dir="cache", quiet=False):
     common.save_atomic(model.state_dict(), path)
     print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
     return path
-
-
-def load_descriptions():
-    """{classname: [descriptions]}: LLM-style descriptions shipped for the demo classes (CAP §3.1)."""
-    return json.loads(DESCRIPTIONS_FILE.read_text())

@@ -122,7 +122,7 @@ def test_mismatched_classes_still_form_their_own_clusters(clip_and_train_feature
 
 def test_caption_like_description_is_nearest_to_each_mismatched_class_mean(clip_and_train_features):
     model, tokenizer, features, labels = clip_and_train_features
-    descriptions = demo.load_descriptions()
+    descriptions = common.load_descriptions(demo.DESCRIPTIONS_FILE)
     for name in demo.MISMATCHED:
         centre = F.normalize(features[labels == demo.CLASSNAMES.index(name)].mean(0), dim=0)  # [D]
         with torch.no_grad():
