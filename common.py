@@ -602,11 +602,9 @@ def _kmeans_pp(x, x_sq, k, g):
 
 
 def _update_centroids(x, assign, dist, c, spherical):
-    """Mean of each cluster via a sparse one-hot matmul; empty clusters re-seeded at the points farthest
+    """Mean of each cluster via index_add_; empty clusters re-seeded at the points farthest
     from their centre."""
-    rows = torch.stack([assign, torch.arange(len(x), device=x.device)])  # [2, N] (cluster, point) pairs
-    one_hot = torch.sparse_coo_tensor(rows, torch.ones_like(dist), (len(c), len(x)), check_invariants=False)
-    sums = one_hot @ x  # [K, D]; = zeros.index_add_(0, assign, x), measured 2-100x faster on 2 busy CPU threads
+    sums = torch.zeros_like(c).index_add_(0, assign, x)  # [K, D] per-cluster sums, no loop over clusters
     counts = torch.bincount(assign, minlength=len(c))  # [K]
     new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
     empty = (counts == 0).nonzero().flatten()  # [E], E <= K <= N
