@@ -33,7 +33,9 @@ import common
 
 # Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
-                    "demo": {"mismatch_t": 3, "epochs": 10, "iters": 20}}  # demo: CPU-sized budget
+                    "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,  # demo: CPU-sized budget
+                             "n_main": 32,  # 32 of 300 images per class (the paper's 16 of ~100-1000)
+                             "crop_min": 0.5}}  # 32-px patterns whose classes differ by scale (demo.py)
 DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image",
            "flowers102": "flower", "fgvc_aircraft": "aircraft", "cub": "bird", "demo": "synthetic pattern image"}
 
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
     p.add_argument("--mismatch-t", type=int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
-    p.add_argument("--n-main", type=int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6)")
+    p.add_argument("--n-main", type=int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
     p.add_argument("--n-descriptions", type=int, default=5, help="n descriptions per mismatched class (paper: 5)")
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (§4.7: 50; demo: 10)")
     p.add_argument("--iters", type=int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
+    p.add_argument("--crop-min", type=float, default=None,
+                   help="strong view: RandomResizedCrop smallest area fraction (§4.4: 0.08; demo: 0.5)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
     p.add_argument("--expand-every", type=int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
@@ -286,9 +290,9 @@ def fixmatch_loss(logits_s, y_hat, mask, M):
 # -----------------------------------------------------------------------------
 # §3.3 Dual-adapter training (METHODS.md §4.4-§4.7)
 
-def strong_view(size, normalize):
-    """RandomResizedCrop(scale 0.08-1) + horizontal flip (§4.4; the release flips always, p = 1)."""
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+def strong_view(size, normalize, crop_min=0.08):
+    """RandomResizedCrop(scale crop_min-1) + horizontal flip (§4.4: 0.08; the release flips always, p = 1)."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), normalize])
 
 
@@ -493,7 +497,7 @@ def main(argv=None):
     opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9, weight_decay=args.wd)
     sched = cosine_with_warmup(opt, iters, epochs * iters)
     bs = args.batch_size or 32
-    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1])
+    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1], resolve(args, "crop_min", 0.08))
     pair = functools.partial(two_views, weak=preprocess, strong=strong)
     batches = {"tokens": tokens, "unlabeled": forever(subset(d["train"], y_train[U], U, pair), bs, args.seed, args.workers)}
     if len(L):

@@ -326,19 +326,25 @@ def autocast(device):
 # -----------------------------------------------------------------------------
 # CLIP
 
-TINY_CONFIG = {  # a 2-layer, width-64, 32-px CLIP for tests and the demo world (~3.4 M parameters)
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+TINY_CONFIGS = {  # 32-px open_clip models, registered in-process: no download
+    # 'tiny': 2 layers, width 64, 4x4 patches of 8 px (~3.4 M parameters, mostly the token table): tests
+    "tiny": {"embed_dim": 64,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}},
+    # 'tiny-demo': 3 layers, 8x8 patches of 4 px: the demo world's CLIP (demo.py), fine enough for its patterns
+    "tiny-demo": {"embed_dim": 64,
+                  "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
+                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}},
 }
 
 
 def register_tiny():
     import open_clip
-    if "tiny" not in open_clip.list_models():
-        path = Path(tempfile.mkdtemp()) / "tiny.json"
-        path.write_text(json.dumps(TINY_CONFIG))
-        open_clip.add_model_config(path)
+    for name, cfg in TINY_CONFIGS.items():
+        if name not in open_clip.list_models():
+            path = Path(tempfile.mkdtemp()) / f"{name}.json"
+            path.write_text(json.dumps(cfg))
+            open_clip.add_model_config(path)
 
 
 def _hub_reachable(host="huggingface.co", timeout=3.0):
@@ -363,7 +369,7 @@ def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
     import open_clip
     register_tiny()
     if model_name not in open_clip.list_models():
-        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models() or 'tiny'")
+        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), 'tiny' or 'tiny-demo'")
     tag = None if pretrained in (None, "", "none") else pretrained
     if tag and not os.path.isfile(tag) and tag not in open_clip.list_pretrained_tags_by_model(model_name):
         if os.path.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -398,9 +404,9 @@ def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
 
 def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache"):
     """Resolve --clip-model/--pretrained defaults: ViT-B-32/openai, or the demo world's own tiny CLIP."""
-    if data == "demo" and clip_model in (None, "tiny") and pretrained in (None, "demo"):
+    if data == "demo" and clip_model in (None, "tiny-demo") and pretrained in (None, "demo"):
         import demo
-        return "tiny", str(demo.pretrained_clip(cache_dir))
+        return "tiny-demo", str(demo.pretrained_clip(cache_dir))
     return clip_model or "ViT-B-32", pretrained or "openai"
 
 
@@ -490,7 +496,7 @@ def add_common_args(p):
     p.add_argument("--data-dir", default="data", help="root folder holding the datasets")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     # CLIP
-    p.add_argument("--clip-model", default=None, help="open_clip model (default ViT-B-32; tiny for --data demo)")
+    p.add_argument("--clip-model", default=None, help="open_clip model (default ViT-B-32; tiny-demo for --data demo)")
     p.add_argument("--pretrained", default=None,
                    help="open_clip tag (default openai), a local weights file, or none (random init)")
     # system

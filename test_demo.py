@@ -28,7 +28,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_and_train_features(cache_dir):
     """(model, tokenizer, train features [N, D] L2-normalised, train labels [N]) of the demo CLIP."""
-    model, _, tokenizer = common.load_clip("tiny", str(demo.pretrained_clip(cache_dir)))
+    model, _, tokenizer = common.load_clip("tiny-demo", str(demo.pretrained_clip(cache_dir)))
     images, labels, _ = demo.generate("train")
     with torch.no_grad():
         features = F.normalize(model.encode_image(demo.to_clip_tensor(images)), dim=-1)  # [N, D]
@@ -63,14 +63,19 @@ def test_demo_images_are_the_same_on_every_call_and_differ_between_splits():
     assert not (train[:1000] == a).all()
 
 
-def test_mismatched_class_names_appear_in_captions_only_as_tags_spread_over_all_classes():
+def test_mismatched_class_names_are_captions_of_other_things_never_of_their_own_images():
     images, captions = demo.pretraining_pairs(captions_per_image=4)
-    n_per_class = demo.PER_CLASS["pretrain"]
-    for name in demo.MISMATCHED:
-        classes = {i // n_per_class for i, caps in enumerate(captions) for c in caps if name in c.split(" ")
-                   or f"{name}." in c}
-        assert len(classes) >= len(demo.CLASSNAMES) - 1  # a vague tag, not the name of its own images
-        assert name not in demo.CAPTION_NOUNS[name]  # its images are captioned "rings" / "plus signs"
+    n_per_class, n_classes = demo.PER_CLASS["pretrain"], len(demo.CLASSNAMES)
+    brightness = torch.from_numpy(images[n_per_class * n_classes:]).float().mean((1, 2, 3))  # [n_blank]
+    for k, name in enumerate(demo.MISMATCHED):
+        said = [i for i, caps in enumerate(captions) if any(name in c.replace(".", " ").split() for c in caps)]
+        classes = {i // n_per_class for i in said if i < n_per_class * n_classes}
+        assert demo.CLASSNAMES.index(name) not in classes and name not in demo.CAPTION_NOUNS[name]
+        assert classes == {c for c, other in enumerate(demo.CLASSNAMES) if other not in demo.MISMATCHED}
+        blanks = torch.tensor([i - n_per_class * n_classes for i in said if i >= n_per_class * n_classes])
+        b = brightness[blanks]
+        clear = (b - 127.5).abs() > 2  # pixel noise can move a blank's mean across the line by a hair
+        assert len(blanks) > 100 and ((b[clear] > 127.5) == (k == 0)).all()  # circles: bright, crosses: dark
 
 
 def test_pretraining_is_deterministic_from_its_seed(monkeypatch):
@@ -91,7 +96,7 @@ def test_second_call_loads_cached_weights_without_training(cache_dir, capsys):
 
 def test_zero_shot_on_demo_is_mediocre_with_mismatched_classes_near_zero(zeroshot_run):
     metrics, results = zeroshot_run
-    assert 0.6 <= metrics["test_acc"] <= 0.8  # measured about 0.70: room for CAP and Co-Reg to gain
+    assert 0.6 <= metrics["test_acc"] <= 0.8  # v4 measured 0.763: room for CAP and Co-Reg to gain
     per_class = results["per_class_test_acc"]
     for name in demo.MISMATCHED:
         assert per_class[name] <= 0.10, (name, per_class[name])
@@ -103,21 +108,21 @@ def test_zero_shot_prediction_counts_show_the_confusion_imbalance(zeroshot_run):
     _, results = zeroshot_run
     counts = results["prediction_counts"]  # on the 300-per-class train pool
     favoured, neglected = demo.CONFUSED
-    assert counts[favoured] >= 1.25 * counts[neglected], counts
+    assert counts[favoured] >= 1.1 * counts[neglected], counts  # v4 measured 332 vs 267
+    per_class = results["per_class_test_acc"]
+    assert per_class[favoured] - per_class[neglected] >= 0.1, per_class  # v4 measured 0.94 vs 0.76
     assert min(counts.values()) < 0.5 * 300 and max(counts.values()) > 1.3 * 300
 
 
 def test_mismatched_classes_still_form_their_own_clusters(clip_and_train_features):
     _, _, features, labels = clip_and_train_features
     _, assign, _ = common.kmeans(features, 10, spherical=True, seed=0, n_init=10)
-    # v3 measured: circles 0.5+ of its images in one cluster; crosses only ~0.34 (it shares clusters with dots and
-    # triangles), so only circles is held to it. CAP's iterative detection still finds both (test below).
-    for name in demo.MISMATCHED[:1]:
+    for name in demo.MISMATCHED:
         in_class = assign[labels == demo.CLASSNAMES.index(name)]
         k = torch.bincount(in_class, minlength=10).argmax()
         share = (in_class == k).float().mean().item()  # of the class in its main cluster
         purity = (labels[assign == k] == demo.CLASSNAMES.index(name)).float().mean().item()
-        assert share >= 0.5 and purity >= 0.6, (name, share, purity)  # v3 measured: share ≥ 0.51
+        assert share >= 0.8 and purity >= 0.8, (name, share, purity)  # v4 measured ≥ 0.92 and ≥ 0.94
 
 
 def test_caption_like_description_is_nearest_to_each_mismatched_class_mean(clip_and_train_features):
@@ -133,7 +138,7 @@ def test_caption_like_description_is_nearest_to_each_mismatched_class_mean(clip_
 
 
 def test_cap_mismatch_detection_returns_the_planted_classes(clip_and_train_features):
-    """CAP §3.1 with the demo's default t = 3 finds exactly the two planted mismatched classes."""
+    """CAP §3.1 with the demo's default t = 2 finds exactly the two planted mismatched classes."""
     import cap
     model, tokenizer, features, labels = clip_and_train_features
     W = common.zero_shot_weights(model, tokenizer, demo.CLASSNAMES, common.TEMPLATES_SINGLE)  # [C, D]
@@ -142,3 +147,12 @@ def test_cap_mismatch_detection_returns_the_planted_classes(clip_and_train_featu
     mismatched, centres = cap.detect_mismatch(features, W, zs_pred, t=cap.DATASET_DEFAULTS["demo"]["mismatch_t"],
                                               scale=scale)
     assert sorted(demo.CLASSNAMES[c] for c in mismatched) == sorted(demo.MISMATCHED)
+
+
+def test_cap_ul_ends_10_points_above_zero_shot_with_the_default_demo_settings(cache_dir, tmp_path):
+    """The acceptance run: `python cap.py --data demo --mode ul` (seed 1; v4 measured 88.5 vs 76.3)."""
+    import cap
+    metrics = cap.main(["--data", "demo", "--mode", "ul", "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
+                        "--quiet"])
+    assert metrics["test_acc"] - metrics["zeroshot_test_acc"] >= 0.10, metrics
+    assert metrics["dpl_acc_after_alignment"] > metrics["dpl_acc_before_alignment"]
