@@ -530,7 +530,9 @@ def main(argv=None):
             seen_pool = {U[pos].item(): v for pos, v in seen_pl.items()}
             dpl = expand_dpl(dpl, seen_pool, len(U), n_main, epoch, epochs, resolve(args, "max_main_ratio", 0.8))
 
-    metrics = test_metrics(evaluate(model, learner, tokens, test_set, device), y_test, seen)
+    pred = evaluate(model, learner, tokens, test_set, device)
+    metrics = test_metrics(pred, y_test, seen)
+    per_class = dict(zip(classnames, common.per_class_accuracy(pred, y_test, C).tolist()))
     metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],
                    final_loss=stats["pl"] + stats["ul"] + stats["l"],
                    dpl_acc_final=dpl_accuracy(dpl, y_train), dpl_acc_before_alignment=report["dpl_acc_before_alignment"],
@@ -539,7 +541,8 @@ def main(argv=None):
     common.save_atomic({"learner": learner.state_dict(), "classnames": classnames, "clip_model": d["model_name"],
                         "prompt_depth": args.prompt_depth}, out_dir / "cap_prompts.pt")
     path = common.write_results(out_dir, config, metrics, start, extra={
-        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "concept_alignment": report})
+        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "concept_alignment": report,
+        "per_class_test_acc": per_class})
     print(f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f})"
           + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
           + f" | pl-acc {100 * pl_acc:.1f} | {time.time() - start:.0f}s | {path}")

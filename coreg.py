@@ -13,7 +13,7 @@ Section references are to METHODS.md §5 (the notes this code was written from);
 not cited because the paper's numbering was not available offline.
 
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
-    python coreg.py --data demo --arch narrow --epochs 12 --warm-up 8 --start-cont 2 --batch-size 64 --lr 0.05
+    python coreg.py --data demo     # = --arch narrow --epochs 12 --warm-up 8 --start-cont 2 --batch-size 64 --lr 0.05
     python coreg.py --data synthetic --clip-model tiny --pretrained none --arch narrow --epochs 3 --warm-up 1
 """
 import argparse
@@ -42,6 +42,10 @@ RAMPUP = 16         # epochs of linear λ_u ramp-up after warm-up
 HISTORY = 5         # co-divide averages the normalised loss over this many epochs
 
 
+# The demo world (demo.py) on a CPU: a narrow CNN and a short schedule; explicit flags still win.
+DEMO_DEFAULTS = dict(arch="narrow", epochs=12, warm_up=8, start_cont=2, batch_size=64, lr=0.05)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
@@ -49,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--templates", default="small", choices=["small", "imagenet"],
                    help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
-                   help="candidate set: union of per-template top-1 (paper), top-5 of the mean, or p >= 0.5 p_max")
+                   help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
+    p.add_argument("--cand-k", type=int, default=5, help="k for --cand-mode topk / ratio")
     # networks (METHODS.md §5.2, §5.2.9)
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
@@ -69,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
     p.add_argument("--cosine-epochs", type=int, default=None,
                    help="cosine period; default = --epochs (the released code hard-codes 800)")
+    if p.parse_args(argv).data == "demo":
+        p.set_defaults(**DEMO_DEFAULTS)
     return p.parse_args(argv)
 
 
@@ -503,7 +510,7 @@ def main(argv=None):
     templates = common.get_templates(args.templates)
     W = template_weights(d["model"], d["tokenizer"], classnames, templates, device, quiet)  # [T, C, D]
     probs = annotate(d["f_train"], W)  # [T, N, C]
-    S = candidate_sets(probs, args.cand_mode)  # [N, C]
+    S = candidate_sets(probs, args.cand_mode, k=args.cand_k)  # [N, C]
     ann = annotation_stats(probs, S, y_train)
     W_ens = F.normalize(W.mean(0), dim=-1)  # [C, D]: prompt ensemble, the zero-shot baseline
     ann["zeroshot_test_acc"] = common.accuracy((d["f_test"] @ W_ens.T).argmax(1), y_test)
