@@ -326,15 +326,16 @@ def autocast(device):
 # -----------------------------------------------------------------------------
 # CLIP
 
-TINY_CONFIGS = {  # 32-px open_clip models, registered in-process: no download
-    # 'tiny': 2 layers, width 64, 4x4 patches of 8 px (~3.4 M parameters, mostly the token table): tests
-    "tiny": {"embed_dim": 64,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}},
-    # 'tiny-demo': 3 layers, 8x8 patches of 4 px: the demo world's CLIP (demo.py), fine enough for its patterns
-    "tiny-demo": {"embed_dim": 64,
-                  "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
-                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}},
+def _tiny_config(layers, patch_size):
+    """A width-64, 32-px open_clip config; text and vision towers get the same depth."""
+    return {"embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "layers": layers, "width": 64, "patch_size": patch_size},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": layers}}
+
+
+TINY_CONFIGS = {  # 32-px models registered in-process (no download)
+    "tiny": _tiny_config(2, 8),  # 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
+    "tiny-demo": _tiny_config(3, 4),  # 8x8 patches of 4 px: the demo world's CLIP (demo.py), fine enough for its patterns
 }
 
 
