@@ -30,6 +30,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, RandomSampler
 
 import common
+import demo
 
 # Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
@@ -437,13 +438,11 @@ def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
     mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"])
     mismatched = [pseudo_classes[i].item() for i in mm_local]
     print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
-    desc_file = args.descriptions
-    if args.data == "demo" and not (desc_file or args.llm_url):  # the demo ships its "LLM" answers
-        import demo
-        desc_file = demo.DESCRIPTIONS_FILE
+    shipped = demo.DESCRIPTIONS if args.data == "demo" else None  # the demo ships its "LLM" answers
     descriptions = {} if not mismatched else common.class_descriptions(
         [classnames[c] for c in mismatched], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
-        url=args.llm_url, model=args.llm_model, descriptions_file=desc_file, cache_dir=args.cache_dir)
+        url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
+        shipped=shipped)
     desc_feats = {c: common.zero_shot_weights(d["model"], d["tokenizer"], descriptions[classnames[c]], ["{}"], device).cpu()
                   for c in mismatched if descriptions.get(classnames[c])}  # bare sentences, no template
     chosen = choose_descriptions(desc_feats, centres)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import demo  # the offline demo world; it imports nothing of ours
+
 CACHE_VERSION = 1  # bump when the feature-cache format or preprocessing changes
 
 
@@ -240,7 +242,6 @@ def _load_synthetic(root, download):
 
 
 def _load_demo(root, download):
-    import demo  # the offline demo world (demo.py)
     return demo.load_demo_dataset()
 
 
@@ -323,6 +324,27 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda" else nullcontext()
 
 
+def progress(iterable, desc, quiet=False, every=30.0):
+    """The one progress rule: a tqdm bar on a terminal; otherwise (a log file, CI) one plain line every
+    `every` seconds, so long work is never silent and logs hold no carriage-return bars; nothing if quiet."""
+    if quiet:
+        return iterable
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, leave=False)
+    return _every(iterable, desc, every)
+
+
+def _every(iterable, desc, every):
+    total, start = (len(iterable) if hasattr(iterable, "__len__") else "?"), time.time()
+    last = start
+    for i, item in enumerate(iterable):
+        yield item
+        if time.time() - last >= every:
+            last = time.time()
+            print(f"{desc}: {i + 1}/{total} ({last - start:.0f}s)", flush=True)
+
+
 # -----------------------------------------------------------------------------
 # CLIP
 
@@ -335,7 +357,7 @@ def _tiny_config(layers, patch_size):
 
 TINY_CONFIGS = {  # 32-px models registered in-process (no download)
     "tiny": _tiny_config(2, 8),  # 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
-    "tiny-demo": _tiny_config(3, 4),  # 8x8 patches of 4 px: the demo world's CLIP (demo.py), fine enough for its patterns
+    "tiny-demo": demo.CLIP_CONFIG,  # 3 layers, 8x8 patches of 4 px: the demo world's CLIP
 }
 
 
@@ -403,12 +425,24 @@ def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
     return torch.stack(weights)  # [C, D]
 
 
-def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache"):
-    """Resolve --clip-model/--pretrained defaults: ViT-B-32/openai, or the demo world's own tiny CLIP."""
-    if data == "demo" and clip_model in (None, "tiny-demo") and pretrained in (None, "demo"):
-        import demo
-        return "tiny-demo", str(demo.pretrained_clip(cache_dir))
-    return clip_model or "ViT-B-32", pretrained or "openai"
+def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache", quiet=False):
+    """Resolve --clip-model/--pretrained defaults: ViT-B-32/openai, or the demo world's own tiny CLIP,
+    pre-trained once by demo.pretrain and cached as <cache_dir>/demo_clip_v<VERSION>.pt (delete it to redo)."""
+    if not (data == "demo" and clip_model in (None, "tiny-demo") and pretrained in (None, "demo")):
+        return clip_model or "ViT-B-32", pretrained or "openai"
+    path = Path(cache_dir) / f"demo_clip_v{demo.VERSION}.pt"
+    if path.exists():
+        print(f"demo CLIP: loading pre-trained weights from {path}")
+        return "tiny-demo", str(path)
+    print(f"demo CLIP: pre-training a tiny CLIP on synthetic image-caption pairs (once; cached at {path}); "
+          f"about 2 min on 2 idle cores")
+    start = time.time()
+    model, _, tokenizer = load_clip("tiny-demo", "none")
+    with torch.random.fork_rng():  # leave the caller's global RNG as it was
+        demo.pretrain(model, tokenizer, progress=lambda it: progress(it, "pre-train demo CLIP", quiet))
+    save_atomic(model.state_dict(), path)
+    print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
+    return "tiny-demo", str(path)
 
 
 # -----------------------------------------------------------------------------
@@ -475,11 +509,10 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
         if hit is not None and len(hit["labels"]) == len(dataset):
             print(f"feature cache hit: {Path(cache_file).name}")
             return hit["features"], hit["labels"]
-    from tqdm import tqdm
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     feats, labels = [], []
-    for images, y, _ in tqdm(loader, desc="encode", disable=quiet or not sys.stdout.isatty()):
+    for images, y, _ in progress(loader, "encode", quiet):
         with autocast(device):
             f = model.encode_image(images.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=-1).cpu())  # [B, D]
@@ -515,7 +548,7 @@ def add_common_args(p):
 def prepare(args, device, transform=None):
     """Load the dataset and CLIP, then encode both splits once (cached). -> dict of everything scripts share."""
     train, y_train, test, y_test, classnames = load_dataset(args.data, args.data_dir, args.download)
-    model_name, pretrained = clip_choice(args.data, args.clip_model, args.pretrained, args.cache_dir)
+    model_name, pretrained = clip_choice(args.data, args.clip_model, args.pretrained, args.cache_dir, args.quiet)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
     data_key = args.data  # a folder dataset is keyed by its path too: two folders must not share a cache
     if args.data == "folder":
@@ -820,9 +853,11 @@ def load_descriptions(path):
     return out
 
 
-def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None):
-    """Offline-use policy: --descriptions FILE wins; else ask the LLM at --llm-url. If that fails, or neither
-    is given, print one warning and return {}: the method goes on with class-name prompts only."""
+def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None,
+                       shipped=None):
+    """Where descriptions come from, first match wins: (1) --descriptions FILE; (2) the LLM at --llm-url;
+    (3) `shipped` (the demo's own answers), also when the LLM fails; (4) nothing: one warning, and the method
+    goes on with class-name prompts. -> {classname: [descriptions]}"""
     if descriptions_file:
         found = load_descriptions(descriptions_file)  # may describe more classes than those asked for
         missing = [c for c in classnames if not found.get(c)]
@@ -830,14 +865,16 @@ def class_descriptions(classnames, domain, n, *, url=None, model=None, descripti
             print(f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
                   file=sys.stderr)
         return {c: d for c, d in found.items() if c in classnames and d}
-    if not url:
-        print("warning: no class descriptions (give --llm-url/--llm-model for an OpenAI-compatible server, "
-              "or --descriptions FILE); going on with class-name prompts", file=sys.stderr)
-        return {}
-    if not model:
-        raise UserError("--llm-url needs --llm-model (the model name the server serves)")
-    try:
-        return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
-    except LLMError as e:
-        print(f"warning: no LLM class descriptions ({e}); going on with class-name prompts", file=sys.stderr)
-        return {}
+    why = "no --llm-url/--llm-model (an OpenAI-compatible server) and no --descriptions FILE"
+    if url:
+        if not model:
+            raise UserError("--llm-url needs --llm-model (the model name the server serves)")
+        try:
+            return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
+        except LLMError as e:
+            why = f"the LLM failed: {e}"
+    if shipped is not None:
+        print(f"note: using the shipped descriptions ({why})", file=sys.stderr)
+        return {c: shipped[c] for c in classnames if shipped.get(c)}
+    print(f"warning: no class descriptions ({why}); going on with class-name prompts", file=sys.stderr)
+    return {}

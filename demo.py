@@ -2,18 +2,18 @@
 
 Ten classes of 32-px pattern images (stripes, checkerboards, dots, rings, plus signs, ...) are drawn
 with random colours, rotations, offsets, scales and pixel noise from fixed seeds, so the world needs no
-download and is the same everywhere. A 3-layer open_clip model ('tiny-demo', common.TINY_CONFIGS) is then
+download and is the same everywhere. A 3-layer open_clip model ('tiny-demo', CLIP_CONFIG below) is then
 pre-trained contrastively in-process on a separate set of such images with varied captions, the way CLIP
 was trained on web image-text pairs, and cached under --cache-dir (the first run takes about 2 min on 2
 CPU cores).
 
-The captions plant the two failures CAP is about (METHODS.md §4):
+The captions plant the two failures CAP is about:
   * concept mismatch: the demo's "circles" and "crosses" were captioned "rings" and "plus signs". The words
     "circles" and "crosses" do occur, but for other things: as rare vague tags on the other classes' images
     and as the names of bright ("circles") and dark ("crosses") blank images. So 'a photo of a circles.'
     means something, differs from 'a photo of a crosses.', and points at no image of the demo: zero-shot
     almost never predicts these two classes, while their images still form their own clusters (the K-Means
-    step of CAP §3.1 finds them). demo_descriptions.json offers, per class, one description close to the
+    step of CAP §3.1 finds them). DESCRIPTIONS offers, per class, one description close to the
     pre-training captions among distractors.
   * concept confusion: thin and thick stripes look alike where their widths overlap and share the caption
     word "stripes", so zero-shot predicts thin stripes more often than thick stripes.
@@ -33,11 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
-
 VERSION = 4  # bump when the images, captions or pre-training recipe change (renames the weight cache)
 DOMAIN = "synthetic pattern image"
-DESCRIPTIONS_FILE = Path(__file__).with_name("demo_descriptions.json")
 CLASSNAMES = ["thin stripes", "thick stripes", "checkerboard", "dots", "circles",
               "crosses", "triangles", "gradient", "zigzag", "blotches"]
 NAMED_BLANK_RATE = 0.5  # share of the blank images' captions that use a mismatched class name
@@ -64,8 +61,87 @@ CAPTION_TEMPLATES = ["a photo of {}.", "a photo of the {}.", "an image of {}.", 
                      "a drawing of {}.", "a texture of {}."]
 BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
 PRETRAIN_THREADS = 2  # 0.16 s a step on 2 idle cores (1 thread: 0.26 s); oversubscribed cores are far slower
+# 'tiny-demo': 32-px open_clip ViT, width 64, 3 layers, 8x8 patches of 4 px (fine enough for the patterns).
+# common.load_clip registers it with open_clip; this module imports nothing of the project (no import cycle).
+CLIP_CONFIG = {"embed_dim": 64,
+               "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
+               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}}
 SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "blank": 3}  # pre-training never sees the demo's images
 PER_CLASS = {"train": 300, "test": 100, "pretrain": 1000}
+
+DESCRIPTIONS = {  # the demo's shipped "LLM" answers: per class one caption-like description among distractors
+    'thin stripes': [
+        'a pattern of fine lines packed closely together',
+        'narrow parallel bands of two alternating colours',
+        'a barcode-like texture of slender strokes',
+        'pinstriped fabric seen up close',
+        'a surface ruled with many hairline grooves',
+    ],
+    'thick stripes': [
+        'a pattern of wide stripes in two colours',
+        'broad parallel bars like an awning',
+        'heavy diagonal bands of alternating paint',
+        'a flag made of a few fat horizontal strips',
+        'bold chunky lines with equal gaps',
+    ],
+    'checkerboard': [
+        'a checkerboard of alternating squares',
+        'a tiled floor of light and dark quadrilaterals',
+        'a chess-like grid of contrasting cells',
+        'a harlequin pattern of rotated diamonds',
+        'a mosaic of square tiles in two tones',
+    ],
+    'dots': [
+        'a pattern of polka dots in neat rows',
+        'tiny filled discs spaced out evenly',
+        'a speckled surface with round specks',
+        'fabric printed with small spots',
+        'a sheet of confetti laid in rows',
+    ],
+    'circles': [
+        'round discs scattered across a surface',
+        'a pattern of hollow rings repeated in rows',
+        'concentric curves like the target of a dartboard',
+        'a wreath of petals arranged in a circle',
+        'bubbles floating in a glass of water',
+    ],
+    'crosses': [
+        'a woven mesh of criss-crossing threads',
+        'a pattern of plus signs repeated in rows',
+        'crucifix figures hung on a wall',
+        'diagonal strokes forming an x-shaped lattice',
+        'hash marks scratched onto a board',
+    ],
+    'triangles': [
+        'a pattern of pointy triangles in rows',
+        'wedge-shaped tiles pointing the same way',
+        'rows of little pyramids seen from above',
+        'arrowheads arranged on a grid',
+        'a sawtooth border of triangular teeth',
+    ],
+    'gradient': [
+        'a smooth colour gradient from one side to the other',
+        'a soft fade between two hues',
+        'a sky at dusk turning from light to dark',
+        'an airbrushed wash of colour without edges',
+        'an evenly shaded blend with no pattern',
+    ],
+    'zigzag': [
+        'a zigzag pattern of sharp back-and-forth lines',
+        "chevrons stacked like a sergeant's stripes",
+        'a lightning-bolt line repeated across the image',
+        'rows of jagged teeth like a saw blade',
+        'a wavy knitted texture with pointed peaks',
+    ],
+    'blotches': [
+        'soft blotches of two colours like camouflage',
+        'irregular patches with blurry edges',
+        'a cow-hide pattern of large uneven spots',
+        'ink spilled and smeared into puddles',
+        'clouds of colour blending into each other',
+    ],
+}
+
 
 # -----------------------------------------------------------------------------
 # Drawing: each class is a soft mask m in [0, 1] of shape [32, 32], painted fg over bg
@@ -190,7 +266,7 @@ def pretraining_pairs(captions_per_image, n_blank=500):
 
 
 def load_demo_dataset():
-    """The demo's labelled splits as common.DATASETS expects. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
+    """The demo's labelled splits in the shape of common.load_dataset's loaders. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
     parts = []
     for split in ("train", "test"):
         images, labels, _ = generate(split)
@@ -215,12 +291,14 @@ def clip_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def pretrain(steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, quiet=False):
-    """Train every parameter of a randomly initialised 'tiny-demo' CLIP on pre-training pairs. -> model (eval mode)."""
-    from tqdm import tqdm
+def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, progress=iter):
+    """Train every parameter of a randomly initialised 'tiny-demo' CLIP on pre-training pairs, in place.
+
+    progress wraps the step range (a progress bar or periodic log line; plain `iter` prints nothing).
+    -> model (eval mode)
+    """
     images, captions = pretraining_pairs(captions_per_image)
     x = to_clip_tensor(images)  # [N, 3, 32, 32]
-    model, _, tokenizer = common.load_clip("tiny-demo", "none")
     # OpenAI's CLIP ends training at logit scale 100 (its clamp); fixing it there from the start gives the tiny
     # model CLIP-like narrow cosine ranges, so the papers' constants (τ = 0.85, m = 12, 100·cos) fit the demo.
     model.logit_scale.data.fill_(math.log(100))
@@ -234,9 +312,8 @@ def pretrain(steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, q
     g = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(PRETRAIN_THREADS)  # a fixed count: float sums, so the weights, depend on it
-    bar = tqdm(range(steps), desc="pre-train demo CLIP", disable=quiet)
     try:
-        for _ in bar:
+        for _ in progress(range(steps)):
             idx = torch.randint(len(x), (batch_size,), generator=g)  # [B]
             pick = torch.randint(captions_per_image, (batch_size,), generator=g)  # [B]: one caption per image
             image_features = model.encode_image(x[idx], normalize=True)  # [B, D]
@@ -246,26 +323,6 @@ def pretrain(steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, q
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
         torch.set_num_threads(threads)
     return model.eval()
-
-
-def pretrained_clip(cache_dir="cache", quiet=False):
-    """Path of the demo CLIP's state_dict, pre-training it first if <cache_dir>/demo_clip_v<VERSION>.pt is absent.
-
-    Delete that file to pre-train again. The weights are deterministic for a given machine (fixed seeds and
-    PRETRAIN_THREADS); other CPUs may round differently and end with slightly different weights.
-    """
-    path = Path(cache_dir) / f"demo_clip_v{VERSION}.pt"
-    if path.exists():
-        print(f"demo CLIP: loading pre-trained weights from {path}")
-        return path
-    print(f"demo CLIP: pre-training a tiny CLIP on synthetic image-caption pairs (once; cached at {path})")
-    start = time.time()
-    with torch.random.fork_rng():  # leave the caller's global RNG as it was
-        model = pretrain(quiet=quiet or not sys.stdout.isatty())
-    common.save_atomic(model.state_dict(), path)
-    print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
-    return path

@@ -6,7 +6,7 @@
 #   bash run.sh coreg     # Co-Reg: its datasets x seeds 1-3 (needs data + a GPU)
 #   bash run.sh zeroshot  # the zero-shot CLIP rows
 # Extra arguments after the first go to every command, e.g. `bash run.sh cap --data-dir /data --download`.
-# Summaries (mean ± std over seeds) are printed by `python summarize.py runs/` at the end of each group.
+# Summaries (mean ± std over seeds) are printed by `python tools/summarize.py runs/` at the end of each group.
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-smoke}; shift || true
@@ -28,13 +28,13 @@ case "$what" in
       $PY cap.py --data demo --mode ul --seed $seed --out-dir runs/demo/cap-seed$seed "$@"
       $PY coreg.py --data demo --seed $seed --out-dir runs/demo/coreg-seed$seed "$@"
     done
-    $PY summarize.py runs/demo
+    $PY tools/summarize.py runs/demo
     ;;
   zeroshot)
     for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
       $PY zeroshot.py --data $data --out-dir runs/zeroshot/$data "$@"
     done
-    $PY summarize.py runs/zeroshot
+    $PY tools/summarize.py runs/zeroshot
     ;;
   cap)
     for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
@@ -44,7 +44,7 @@ case "$what" in
         done
       done
     done
-    $PY summarize.py runs/cap
+    $PY tools/summarize.py runs/cap
     ;;
   coreg)
     for data in cifar10 cifar100 svhn fashion_mnist eurosat fer2013 gtsrb; do
@@ -53,7 +53,7 @@ case "$what" in
         $PY coreg.py --data $data --image-size $size --seed $seed --out-dir runs/coreg/$data-seed$seed "$@"
       done
     done
-    $PY summarize.py runs/coreg
+    $PY tools/summarize.py runs/coreg
     ;;
   *) echo "usage: bash run.sh smoke|demo|zeroshot|cap|coreg [extra flags]" >&2; exit 2;;
 esac

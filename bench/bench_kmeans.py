@@ -12,9 +12,9 @@ same algorithm lands anywhere within about +-1% of its mean on this data, so a o
 against sklearn mostly measures luck. Time is the best of --repeats runs per seed, averaged over
 seeds; on a shared machine, repeat and read the numbers as noisy.
 
-    python bench_kmeans.py                 # case a (5,640 x 512, K=47) and case b (100,000 x 512, K=1,000)
-    python bench_kmeans.py --quick         # case a and a smaller b (20,000 x 512, K=200)
-    python bench_kmeans.py --cases a --repeats 5 --peers ours,faiss
+    python bench/bench_kmeans.py                 # case a (5,640 x 512, K=47) and case b (100,000 x 512, K=1,000)
+    python bench/bench_kmeans.py --quick         # case a and a smaller b (20,000 x 512, K=200)
+    python bench/bench_kmeans.py --cases a --repeats 5 --peers ours,faiss
 
 Peers that are not installed are skipped with a message (pip install faiss-cpu scikit-learn).
 Notes on the peers:
@@ -100,7 +100,7 @@ def _fit_fn(peer, n_iter, seed, info):
     if peer == "ours":
         import torch
         torch.set_num_threads(THREADS)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         import common
 
         def fit(x, k):

@@ -1,6 +1,6 @@
 """LLM client tests against a real, scripted HTTP server on 127.0.0.1 (no network, no LLM).
 
-Run: python -m pytest -q test_llm.py
+Run: python -m pytest -q tests/test_llm.py
 """
 import json
 import socket
@@ -312,3 +312,18 @@ def test_no_llm_and_no_file_warns_naming_the_flags(capsys):
     assert class_descriptions(["gauzy"], "texture", 5) == {}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--llm-url/--llm-model" in err[0] and "--descriptions FILE" in err[0]
+
+
+def test_unreachable_llm_falls_back_to_the_shipped_descriptions(monkeypatch, capsys):
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    shipped = {"gauzy": ["a thin veil of fabric"], "other": ["not asked for"]}
+    out = class_descriptions(["gauzy"], "texture", 5, url=closed_port_url(), model="m", shipped=shipped)
+    assert out == {"gauzy": ["a thin veil of fabric"]}
+    assert "shipped descriptions" in capsys.readouterr().err
+
+
+def test_descriptions_file_wins_over_the_shipped_ones(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"gauzy": ["from the file"]}')
+    out = class_descriptions(["gauzy"], "texture", 5, descriptions_file=path, shipped={"gauzy": ["shipped"]})
+    assert out == {"gauzy": ["from the file"]}

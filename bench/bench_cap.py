@@ -1,7 +1,7 @@
 """Time one CAP training iteration (3 views of 32 images, text encoder over all classes, backward).
 
-    python bench_cap.py --clip-model tiny
-    python bench_cap.py --clip-model ViT-B-32 --classes 47 --iters 3     # random init, DTD-sized class count
+    python bench/bench_cap.py --clip-model tiny
+    python bench/bench_cap.py --clip-model ViT-B-32 --classes 47 --iters 3     # random init, DTD-sized class count
 Prints seconds per iteration and the peak resident memory of the process.
 """
 import argparse
@@ -11,6 +11,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts
 import cap
 import common
 

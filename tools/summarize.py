@@ -1,4 +1,4 @@
-"""Mean ± std over seeds of every results.json under a folder: `python summarize.py runs/cap`.
+"""Mean ± std over seeds of every results.json under a folder: `python tools/summarize.py runs/cap`.
 
 Runs are grouped by their folder name with the trailing `-seed<N>` removed.
 """

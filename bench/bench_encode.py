@@ -5,8 +5,8 @@ and the CPU copy on top of model.encode_image; this measures what that costs. Vi
 weights (no download), pre-made 3x224x224 tensors and an identity transform, so image decoding and
 preprocessing are out of both timings. Target: ratio >= 0.9.
 
-    python bench_encode.py                      # 256 images, batch 64, 2 CPU threads
-    python bench_encode.py --n-images 512 --device cuda
+    python bench/bench_encode.py                      # 256 images, batch 64, 2 CPU threads
+    python bench/bench_encode.py --n-images 512 --device cuda
 """
 import argparse
 import time
@@ -14,6 +14,10 @@ from types import SimpleNamespace
 
 import torch
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts
 import common
 
 

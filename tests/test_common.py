@@ -1,7 +1,7 @@
 """Tests for common.py and zeroshot.py: the zero-shot run, the feature cache, CLIP weight loading,
 one-line errors on bad input, prompt templates, evaluation protocols and metrics. CPU only, offline.
 
-Run: python -m pytest -q test_common.py
+Run: python -m pytest -q tests/test_common.py
 """
 import json
 import math
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import common
 import zeroshot
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 TINY = ["--clip-model", "tiny", "--pretrained", "none", "--quiet"]
 
 

@@ -4,9 +4,11 @@ tiny CLIP, and the planted concept mismatch / confusion that CAP and Co-Reg are 
 The demo CLIP is pre-trained once per test session into a temporary cache (about 1-2 min on a CPU);
 every other test reuses it. CPU only, offline.
 
-Run: python -m pytest -q test_demo.py
+Run: python -m pytest -q tests/test_demo.py
 """
 import json
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +23,14 @@ import zeroshot
 def cache_dir(tmp_path_factory):
     """A cache holding the demo CLIP, pre-trained once for the whole session."""
     path = tmp_path_factory.mktemp("demo_cache")
-    demo.pretrained_clip(path, quiet=True)
+    common.clip_choice("demo", cache_dir=path, quiet=True)
     return path
 
 
 @pytest.fixture(scope="session")
 def clip_and_train_features(cache_dir):
     """(model, tokenizer, train features [N, D] L2-normalised, train labels [N]) of the demo CLIP."""
-    model, _, tokenizer = common.load_clip("tiny-demo", str(demo.pretrained_clip(cache_dir)))
+    model, _, tokenizer = common.load_clip("tiny-demo", common.clip_choice("demo", cache_dir=cache_dir)[1])
     images, labels, _ = demo.generate("train")
     with torch.no_grad():
         features = F.normalize(model.encode_image(demo.to_clip_tensor(images)), dim=-1)  # [N, D]
@@ -80,8 +82,8 @@ def test_mismatched_class_names_are_captions_of_other_things_never_of_their_own_
 
 def test_pretraining_is_deterministic_from_its_seed(monkeypatch):
     monkeypatch.setitem(demo.PER_CLASS, "pretrain", 20)  # a small pre-training set keeps this fast
-    a = demo.pretrain(steps=2, batch_size=16, quiet=True).state_dict()
-    b = demo.pretrain(steps=2, batch_size=16, quiet=True).state_dict()
+    a = demo.pretrain(*common.load_clip("tiny-demo", "none")[::2], steps=2, batch_size=16).state_dict()
+    b = demo.pretrain(*common.load_clip("tiny-demo", "none")[::2], steps=2, batch_size=16).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -89,7 +91,7 @@ def test_pretraining_is_deterministic_from_its_seed(monkeypatch):
 # The pre-trained demo CLIP and what it gets wrong
 
 def test_second_call_loads_cached_weights_without_training(cache_dir, capsys):
-    path = demo.pretrained_clip(cache_dir)
+    path = Path(common.clip_choice("demo", cache_dir=cache_dir)[1])
     assert path.name == f"demo_clip_v{demo.VERSION}.pt"
     assert "loading pre-trained weights" in capsys.readouterr().out
 
@@ -127,7 +129,7 @@ def test_mismatched_classes_still_form_their_own_clusters(clip_and_train_feature
 
 def test_caption_like_description_is_nearest_to_each_mismatched_class_mean(clip_and_train_features):
     model, tokenizer, features, labels = clip_and_train_features
-    descriptions = common.load_descriptions(demo.DESCRIPTIONS_FILE)
+    descriptions = demo.DESCRIPTIONS
     for name in demo.MISMATCHED:
         centre = F.normalize(features[labels == demo.CLASSNAMES.index(name)].mean(0), dim=0)  # [D]
         with torch.no_grad():

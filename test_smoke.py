@@ -1,0 +1,44 @@
+"""Smoke test: every script runs end to end, in-process, on the tiny random CLIP and generated images
+(zero-shot, CAP in UL, SSL and TRZSL, Co-Reg), and writes results.json. Under a minute on 2 cores.
+
+Run: python -m pytest -q test_smoke.py          (the unit tests: python -m pytest -q tests/)
+"""
+import json
+
+import pytest
+import torch
+
+import cap
+import coreg
+import zeroshot
+
+torch.set_num_threads(1)  # tiny models: a second thread buys nothing and oversubscribes a busy machine
+TINY = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def run(script, tmp_path, cache, *extra):
+    out = tmp_path / script.__name__
+    metrics = script.main([*TINY, "--cache-dir", cache, "--out-dir", str(out), *extra])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics"].keys() == metrics.keys() and 0 <= metrics["test_acc"] <= 1
+    return metrics
+
+
+def test_zeroshot_runs(tmp_path, cache):
+    run(zeroshot, tmp_path, cache)
+
+
+@pytest.mark.parametrize("mode", ["ul", "ssl", "trzsl"])
+def test_cap_runs_in_every_setting(tmp_path, cache, mode):
+    metrics = run(cap, tmp_path, cache, "--mode", mode, "--epochs", "2", "--iters", "2", "--batch-size", "8")
+    assert ("harmonic_mean" in metrics) == (mode == "trzsl")
+
+
+def test_coreg_runs(tmp_path, cache):
+    run(coreg, tmp_path, cache, "--arch", "narrow", "--epochs", "3", "--warm-up", "1", "--start-cont", "1",
+        "--batch-size", "16")
