@@ -2,7 +2,7 @@
 
 Only what more than one script uses lives here, in the order a reader needs it:
 prompt templates and the dataset table, device/seed helpers, CLIP loading, image features with
-their on-disk cache, the evaluation protocols and metrics, a hand-written K-Means, the LLM call,
+their on-disk cache, metrics, a hand-written K-Means, the LLM call,
 and the results writer. Every function is plain torch and can be copied on its own.
 """
 import hashlib
@@ -96,12 +96,21 @@ def _require(path, what, flag="--data-dir"):
 
 
 def _torchvision(cls, root, download, **kw):
-    """Build a torchvision dataset, turning its 'not found' errors into one-line UserErrors."""
+    """Build a torchvision dataset; 'not found' (or a failed download) becomes a one-line UserError, and what
+    a failed download created under `root` is removed again (no empty folder left behind)."""
+    root = Path(root)
+    before = set(root.iterdir()) if root.is_dir() else None
     try:
-        return cls(root=root, download=download, **kw)
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        hint = "" if download else " (add --download to fetch it)"
-        raise UserError(f"{cls.__name__} not available under {root}: {str(e).splitlines()[0]}{hint}")
+        return cls(root=str(root), download=download, **kw)
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as e:
+        if download:  # offline or interrupted: undo what the attempt created
+            import shutil
+            for p in (set(root.iterdir()) - before if before is not None else [root]):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise UserError(f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''}); offline, try --data demo") from None
+        raise UserError(f"{cls.__name__} not found under {root}; put it there (torchvision's layout), point "
+                        f"--data-dir at its parent folder, or add --download; offline, try --data demo") from None
 
 
 def _tv_pair(cls, root, download, names, train_kw, test_kw):
@@ -123,10 +132,14 @@ def _load_dtd(root, download):
     return parts, [n.replace("_", " ") for n in names]
 
 
+FLOWERS_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia",
+                   "ball moss": "air plant"}  # torchvision's three odd names, as CLIP/CoOp/FPL/CAP spell them
+
+
 def _load_flowers(root, download):
     from torchvision.datasets import Flowers102
-    return _tv_pair(Flowers102, root, download, Flowers102.classes,
-                    [dict(split="train"), dict(split="val")], [dict(split="test")])
+    names = [FLOWERS_RENAMES.get(n, n) for n in Flowers102.classes]
+    return _tv_pair(Flowers102, root, download, names, [dict(split="train"), dict(split="val")], [dict(split="test")])
 
 
 def _load_aircraft(root, download):
@@ -286,30 +299,17 @@ class ImageList(Dataset):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation protocols (METHODS.md §1.2)
-
-def protocol_ssl(labels, num_classes, shots=2, seed=0):
-    """SSL: `shots` labeled images per class (seed 0 as released). -> labeled index tensor."""
-    rng = np.random.RandomState(seed)
-    idx = [rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False) for c in range(num_classes)]
-    return torch.as_tensor(np.concatenate(idx))
-
-
-def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
-    """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
-    if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
-        raise UserError(f"TRZSL needs at least one seen and one unseen class; {num_classes} classes is too few")
-    rng = np.random.RandomState(split_seed)
-    seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
-    unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
-    return seen, unseen
-
-
-# -----------------------------------------------------------------------------
 # Device and seeds
 
 def get_device(name=None):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device, default cuda when available; asking for CUDA on a machine without it is a one-line error."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    return device
 
 
 def set_seed(seed):
@@ -320,8 +320,11 @@ def set_seed(seed):
 
 
 def autocast(device):
-    """fp16 autocast on CUDA only; CPU runs in float32 (nanoGPT's `ctx`)."""
-    return torch.autocast("cuda", dtype=torch.float16) if torch.device(device).type == "cuda" else nullcontext()
+    """Mixed precision on CUDA only, CPU runs in float32 (nanoGPT's `ctx`): bf16 where the GPU supports it,
+    else fp16, whose prompt gradients through the frozen layers need a torch.amp.GradScaler (cap.py has one)."""
+    if torch.device(device).type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def progress(iterable, desc, quiet=False, every=30.0):
@@ -387,29 +390,73 @@ def _go_offline():
     logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
 
 
+def _is_torchscript(path):
+    """OpenAI's released CLIP files (e.g. ViT-B-32.pt) are TorchScript archives: a zip with a code/ folder."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def clip_architecture(model_name, tag):
+    """(open_clip model name, quick_gelu) that the weights were trained with.
+
+    OpenAI's CLIPs (and a few others) were trained with QuickGELU, x·σ(1.702x), and open_clip only *warns*
+    when a plain model name gets such weights: activations, so zero-shot and every pseudolabel, then shift.
+    The pretrained tag's config says which activation it needs; a local TorchScript file is OpenAI's release.
+    Any other local file keeps the model name's own activation (pass e.g. ViT-B-32-quickgelu if it needs it).
+    """
+    import open_clip
+    if tag is None or os.path.isfile(tag):
+        return model_name, (tag is not None and _is_torchscript(tag)) or None
+    base = model_name.removesuffix("-quickgelu")
+    for name in (model_name, base):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        if cfg:
+            quick = bool(cfg.get("quick_gelu", False))
+            return (name if quick or name == base else base), quick  # a -quickgelu name with a GELU tag: GELU
+    return model_name, None
+
+
 def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
-    """-> (model in eval mode, preprocess, tokenizer). `pretrained`: open_clip tag, local file, or 'none'."""
+    """-> (model in eval mode, preprocess, tokenizer). `pretrained`: open_clip tag, local file, or 'none'.
+    The activation follows the weights (QuickGELU for OpenAI's), whatever model name is given."""
     import open_clip
     register_tiny()
     if model_name not in open_clip.list_models():
         raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), 'tiny' or 'tiny-demo'")
-    tag = None if pretrained in (None, "", "none") else pretrained
-    if tag and not os.path.isfile(tag) and tag not in open_clip.list_pretrained_tags_by_model(model_name):
+    tag = None if pretrained in (None, "", "none") else str(pretrained)
+    if tag and not os.path.isfile(tag) and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag) \
+            and tag not in open_clip.list_pretrained_tags_by_model(model_name):
         if os.path.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise UserError(f"weights file {tag} not found; check --pretrained <file>")
         raise UserError(f"'{tag}' is not a pretrained tag of {model_name} "
                         f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>")
     if tag and not os.path.isfile(tag) and not _hub_reachable():
         _go_offline()  # use the local Hugging Face cache only, instead of a minute of retries
+    name, quick = clip_architecture(model_name, tag)
+    import logging
+    root, level = logging.getLogger(), logging.getLogger().level
+    if tag is None:  # open_clip's "No pretrained weights loaded ... initialized randomly" is our intent here
+        root.setLevel(max(level, logging.ERROR))
     torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag, device=device)
-    except RuntimeError as e:
-        if "download" in str(e).lower() or "connect" in str(e).lower():
-            raise UserError(f"could not download CLIP weights '{tag}' for {model_name} (offline?); "
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device, force_quick_gelu=bool(quick),
+            weights_only=not (tag and os.path.isfile(tag) and _is_torchscript(tag)))  # TorchScript: torch.jit.load
+    except Exception as e:
+        if tag and os.path.isfile(tag):  # e.g. random bytes: torch's own advice (weights_only=False) is wrong here
+            raise UserError(f"cannot load weights file {tag} for {name}: not a checkpoint open_clip can read "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+        if isinstance(e, RuntimeError) and ("download" in str(e).lower() or "connect" in str(e).lower()):
+            raise UserError(f"could not download CLIP weights '{tag}' for {name} (offline?); "
                             f"pass --pretrained <local weights file>") from None
         raise
-    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+    finally:
+        root.setLevel(level)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 @torch.no_grad()
