@@ -47,11 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="paper setting (METHODS.md §1.2)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
-    p.add_argument("--mismatch-t", type=int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
-    p.add_argument("--n-main", type=int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
+    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
+    p.add_argument("--n-main", type=common.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
-    p.add_argument("--n-descriptions", type=int, default=5, help="n descriptions per mismatched class (paper: 5)")
+    p.add_argument("--n-descriptions", type=common.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
     p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
     p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
     # §3.2 calibrated margin
@@ -59,15 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
                    help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
     # §3.3 model and optimisation
-    p.add_argument("--prompt-depth", type=int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
+    p.add_argument("--prompt-depth", type=common.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
     p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (§4.7: 50; demo: 10)")
-    p.add_argument("--iters", type=int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
+    p.add_argument("--epochs", type=common.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
+    p.add_argument("--iters", type=common.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
     p.add_argument("--crop-min", type=float, default=None,
                    help="strong view: RandomResizedCrop smallest area fraction (§4.4: 0.08; demo: 0.5)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
-    p.add_argument("--expand-every", type=int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
+    p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
     p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")

@@ -570,6 +570,26 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
     return features, labels
 
 
+def positive_int(text):
+    """argparse type for counts and sizes: an int ≥ 1, else a one-line usage error at parse time."""
+    return _int_at_least(text, 1)
+
+
+def nonneg_int(text):
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text, low):
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def add_common_args(p):
     """The flags every script shares, with the same names and meanings (STYLE.md §16)."""
     # data
@@ -583,8 +603,8 @@ def add_common_args(p):
     # system
     p.add_argument("--seed", type=int, default=1, help="optimisation seed (CAP runs seeds 1-3)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (method default if unset)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (method default if unset)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     p.add_argument("--cache-dir", default="cache", help="feature, weight and LLM response cache")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache")
     p.add_argument("--out-dir", default=None, help="where results.json goes (default runs/<script>-<data>-...)")

@@ -54,25 +54,25 @@ def parse_args(argv=None):
                    help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
-    p.add_argument("--cand-k", type=int, default=5, help="k for --cand-mode topk / ratio")
+    p.add_argument("--cand-k", type=common.positive_int, default=5, help="k for --cand-mode topk / ratio")
     # networks (METHODS.md §5.2, §5.2.9)
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
-    p.add_argument("--image-size", type=int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
-    p.add_argument("--queue-size", type=int, default=8192, help="MoCo queue length (METHODS.md §5.2)")
+    p.add_argument("--image-size", type=common.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
+    p.add_argument("--queue-size", type=common.positive_int, default=8192, help="MoCo queue length (METHODS.md §5.2)")
     # method (METHODS.md §5.2)
-    p.add_argument("--warm-up", type=int, default=10,
+    p.add_argument("--warm-up", type=common.nonneg_int, default=10,
                    help="partial-CE warm-up epochs; 10 is DivideMix's CIFAR-10 value, chosen for the 100-epoch "
                         "runs (the released code uses 50 for its 800-epoch runs, 100 on CIFAR-100)")
-    p.add_argument("--start-cont", type=int, default=10, help="contrastive loss starts this many epochs after warm-up")
+    p.add_argument("--start-cont", type=common.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
     p.add_argument("--p-threshold", type=float, default=0.5, help="clean if GMM clean probability w > this")
     p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
     # optimisation (METHODS.md §5.2.7)
-    p.add_argument("--epochs", type=int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
-    p.add_argument("--cosine-epochs", type=int, default=None,
+    p.add_argument("--cosine-epochs", type=common.positive_int, default=None,
                    help="cosine period; default = --epochs (the released code hard-codes 800)")
     if p.parse_args(argv).data == "demo":
         p.set_defaults(**DEMO_DEFAULTS)

@@ -311,3 +311,16 @@ def test_failed_download_names_the_folder_and_leaves_nothing_behind(tmp_path, mo
     with pytest.raises(common.UserError, match="--data demo"):
         common.load_dataset("dtd", str(tmp_path / "data"), download=True)
     assert list((tmp_path / "data").iterdir()) == []
+
+
+@pytest.mark.parametrize("script,flag,value", [
+    ("cap", "--epochs", "0"), ("cap", "--epochs", "-1"), ("cap", "--iters", "0"), ("cap", "--batch-size", "0"),
+    ("cap", "--n-main", "0"), ("cap", "--n-descriptions", "0"), ("coreg", "--epochs", "0"),
+    ("coreg", "--batch-size", "0"), ("coreg", "--queue-size", "0"), ("zeroshot", "--batch-size", "-3")])
+def test_counts_and_sizes_below_one_are_refused_at_parse_time(script, flag, value, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--data", "synthetic", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"argument {flag}: must be at least 1, got {value}") and "Traceback" not in "".join(err)
