@@ -669,7 +669,12 @@ def write_results(out_dir, config, metrics, start_time, extra=None):
     """results.json = {config, metrics, elapsed_s, versions, **extra}, written atomically."""
     res = {"config": config, "metrics": metrics, "elapsed_s": round(time.time() - start_time, 2),
            "versions": versions(), **(extra or {})}
-    return write_text_atomic(json.dumps(res, indent=2, default=float), Path(out_dir) / "results.json")
+    path = Path(out_dir) / "results.json"
+    if path.exists():  # a rerun into the same --out-dir keeps the earlier result, and says so
+        kept = path.with_name(time.strftime("results-%Y%m%d-%H%M%S.json", time.localtime(path.stat().st_mtime)))
+        os.replace(path, kept)
+        print(f"note: {path} existed; the earlier run's results were moved to {kept.name}")
+    return write_text_atomic(json.dumps(res, indent=2, default=float), path)
 
 
 # -----------------------------------------------------------------------------

@@ -324,3 +324,28 @@ def test_counts_and_sizes_below_one_are_refused_at_parse_time(script, flag, valu
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"argument {flag}: must be at least 1, got {value}") and "Traceback" not in "".join(err)
+
+
+def test_rerun_into_the_same_out_dir_keeps_the_earlier_results(tmp_path, capsys):
+    first = common.write_results(tmp_path, {"seed": 1}, {"test_acc": 0.5}, time.time())
+    os.utime(first, (1e9, 1e9))  # an old file: its kept copy is named by its time
+    common.write_results(tmp_path, {"seed": 2}, {"test_acc": 0.7}, time.time())
+    assert json.loads(first.read_text())["config"] == {"seed": 2}
+    kept = [p for p in tmp_path.glob("results-*.json")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["config"] == {"seed": 1}
+    assert "moved to" in capsys.readouterr().out
+
+
+def test_two_processes_writing_the_same_cache_entry_both_finish_and_the_file_loads(tmp_path):
+    path = tmp_path / "cache" / "entry.pt"
+    code = ("import sys, torch, common\n"
+            "for i in range(20):\n"
+            "    common.save_atomic({'features': torch.full((2000, 64), float(sys.argv[1])), 'labels': torch.arange(2000)},"
+            f" {str(path)!r})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(v)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for v in (1, 2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    hit = common.load_cached(path, ("features", "labels"))
+    assert hit is not None and hit["features"].shape == (2000, 64) and hit["features"].unique().numel() == 1
+    assert not list(path.parent.glob("*.tmp"))  # no temporary file left behind
