@@ -349,3 +349,27 @@ def test_two_processes_writing_the_same_cache_entry_both_finish_and_the_file_loa
     hit = common.load_cached(path, ("features", "labels"))
     assert hit is not None and hit["features"].shape == (2000, 64) and hit["features"].unique().numel() == 1
     assert not list(path.parent.glob("*.tmp"))  # no temporary file left behind
+
+
+def test_progress_off_a_terminal_prints_plain_lines_not_bars(capsys):
+    items = list(common.progress(range(3), "encode", quiet=False, every=0.0))  # pytest's stdout is no terminal
+    out = capsys.readouterr().out
+    assert items == [0, 1, 2] and out.splitlines() == [f"encode: {i}/3 (0s)" for i in (1, 2, 3)] and "\r" not in out
+    assert list(common.progress(range(3), "encode", quiet=True, every=0.0)) == [0, 1, 2]
+    assert capsys.readouterr().out == ""
+
+
+def test_no_import_cycle_between_top_level_modules():
+    """demo.py stands below common.py: it imports no module of this repository."""
+    import ast
+    ours = {p.stem for p in REPO.glob("*.py")}
+    imports = {}
+    for path in REPO.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[path.stem] = names & ours - {path.stem}
+    assert imports["demo"] == set() and "common" not in imports["demo"]
+    for a, deps in imports.items():
+        for b in deps:
+            assert a not in imports.get(b, set()), f"{a} and {b} import each other"
