@@ -20,17 +20,12 @@ import argparse
 import functools
 import json
 import math
+import re
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision.transforms as T
-from torch.utils.data import DataLoader, RandomSampler
-
-import common
-import demo
+import cli
 
 # Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
@@ -43,15 +38,15 @@ DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellit
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
-    common.add_common_args(p)
+    cli.add_common_args(p)
     p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="paper setting (METHODS.md §1.2)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
-    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
-    p.add_argument("--n-main", type=common.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
+    p.add_argument("--mismatch-t", type=cli.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
+    p.add_argument("--n-main", type=cli.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
-    p.add_argument("--n-descriptions", type=common.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
+    p.add_argument("--n-descriptions", type=cli.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
     p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
     p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
     # §3.2 calibrated margin
@@ -59,19 +54,34 @@ def parse_args(argv=None):
     p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
                    help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
     # §3.3 model and optimisation
-    p.add_argument("--prompt-depth", type=common.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
+    p.add_argument("--prompt-depth", type=cli.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
     p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
-    p.add_argument("--epochs", type=common.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
-    p.add_argument("--iters", type=common.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
+    p.add_argument("--epochs", type=cli.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
+    p.add_argument("--iters", type=cli.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
     p.add_argument("--crop-min", type=float, default=None,
                    help="strong view: RandomResizedCrop smallest area fraction (§4.4: 0.08; demo: 0.5)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
-    p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
+    p.add_argument("--expand-every", type=cli.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
     p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
     return p.parse_args(argv)
+
+
+# The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
+if __name__ == "__main__":
+    parse_args()
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, RandomSampler
+
+import common
+import demo
 
 
 def resolve(args, key, fallback):
@@ -138,6 +148,92 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
     counts = torch.bincount(zs_pred, minlength=C)  # [C]
     low_t = set(counts.argsort(stable=True)[:t].tolist())  # the t least-predicted classes (Y_low-t)
     return [c for c in classes if c in low_t], centres
+
+
+# -----------------------------------------------------------------------------
+# §3.1 Class descriptions from an LLM (the request itself is common.llm_complete)
+
+# The paper does not publish its prompt; this one is ours.
+DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
+                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
+
+
+def parse_descriptions(text):
+    """Reply -> descriptions, from a JSON array or numbered/bulleted lines (other lines ignored; with no
+    list markers at all, every non-empty line counts). Stripped, de-duplicated ignoring case, no empties."""
+    body = re.sub(r"^```\w*|```$", "", text.strip()).strip()  # a markdown code fence around the answer
+    try:
+        items = json.loads(body)
+        items = [str(s) for s in items] if isinstance(items, list) else [body]
+    except ValueError:
+        lines = [l.strip() for l in body.splitlines() if l.strip()]
+        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
+    return _dedupe(s.strip().strip("\"'").strip() for s in items)
+
+
+def _dedupe(items):
+    """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
+    out = {}
+    for s in items:
+        if s:
+            out.setdefault(s.lower(), s)
+    return list(out.values())
+
+
+def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
+    """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class; when the server sends several
+    choices their lists are merged in order. kw goes to llm_complete (timeout, retries, temperature, ...)."""
+    out = {}
+    for name in classnames:
+        article = "an" if domain[:1].lower() in "aeiou" else "a"
+        prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
+        replies = common.llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
+        out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
+    return out
+
+
+def load_descriptions(path):
+    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise common.UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, not a {type(data).__name__}")
+    out = {}
+    for name, v in data.items():
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise common.UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
+        out[name] = [s.strip() for s in v if s.strip()]
+    return out
+
+
+def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None,
+                       shipped=None):
+    """Where descriptions come from, first match wins: (1) --descriptions FILE; (2) the LLM at --llm-url;
+    (3) `shipped` (the demo's own answers), also when the LLM fails; (4) nothing: one warning, and the method
+    goes on with class-name prompts. -> {classname: [descriptions]}"""
+    if descriptions_file:
+        found = load_descriptions(descriptions_file)  # may describe more classes than those asked for
+        missing = [c for c in classnames if not found.get(c)]
+        if missing:
+            print(f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
+                  file=sys.stderr)
+        return {c: d for c, d in found.items() if c in classnames and d}
+    why = "no --llm-url/--llm-model (an OpenAI-compatible server) and no --descriptions FILE"
+    if url:
+        if not model:
+            raise common.UserError("--llm-url needs --llm-model (the model name the server serves)")
+        try:
+            return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
+        except common.LLMError as e:
+            why = f"the LLM failed: {e}"
+    if shipped is not None:
+        print(f"note: using the shipped descriptions ({why})", file=sys.stderr)
+        return {c: shipped[c] for c in classnames if shipped.get(c)}
+    print(f"warning: no class descriptions ({why}); going on with class-name prompts", file=sys.stderr)
+    return {}
 
 
 def choose_descriptions(desc_features, centres):
@@ -353,12 +449,11 @@ def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
 
 def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes, device, iters, quiet, scale):
     """One epoch of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>. Returns loss parts, confident predictions, stats."""
-    from tqdm import tqdm
     allowed = torch.full((M.shape[0],), float("-inf"), device=device)
     allowed[pseudo_classes] = 0  # pseudolabels only among the pseudolabeled classes (TRZSL: unseen)
     M = M.to(device)
     stats, seen_pl = {"pl": 0.0, "ul": 0.0, "l": 0.0, "mask": 0.0, "hit": 0, "n_conf": 0}, {}
-    for _ in tqdm(range(iters), desc="train", leave=False, disable=quiet):
+    for _ in common.progress(range(iters), "train", quiet):
         x_m, y_m, _ = next(batches["main"])
         (x_w, x_s), y_u, u_pos = next(batches["unlabeled"])
         x_l, y_l, _ = next(batches["labeled"]) if "labeled" in batches else (x_m[:0], y_m[:0], None)
@@ -439,7 +534,7 @@ def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
     mismatched = [pseudo_classes[i].item() for i in mm_local]
     print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
     shipped = demo.DESCRIPTIONS if args.data == "demo" else None  # the demo ships its "LLM" answers
-    descriptions = {} if not mismatched else common.class_descriptions(
+    descriptions = {} if not mismatched else class_descriptions(
         [classnames[c] for c in mismatched], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
         url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
         shipped=shipped)

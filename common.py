@@ -1,9 +1,7 @@
-"""Shared pieces for zeroshot.py, cap.py and coreg.py.
-
-Only what more than one script uses lives here, in the order a reader needs it:
-prompt templates and the dataset table, device/seed helpers, CLIP loading, image features with
-their on-disk cache, metrics, a hand-written K-Means, the LLM call,
-and the results writer. Every function is plain torch and can be copied on its own.
+"""Shared pieces for zeroshot.py, cap.py and coreg.py, in the order a reader needs them: prompt templates
+and the dataset table, device/seed helpers, CLIP loading, image features with their on-disk cache, metrics,
+the results writer, a hand-written K-Means and the one LLM request. Every function is plain torch and can
+be copied on its own. The flags the scripts share are in cli.py (no torch, so bad flags are answered fast).
 """
 import hashlib
 import json
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import cli
 import demo  # the offline demo world; it imports nothing of ours
 
 CACHE_VERSION = 1  # bump when the feature-cache format or preprocessing changes
@@ -264,6 +263,7 @@ DATASETS = {  # name -> loader(root, download) -> ([(train_samples, labels), (te
     **{n: _load_small_tv(n) for n in ("cifar10", "cifar100", "svhn", "fashion_mnist", "gtsrb", "fer2013")},
     "folder": _load_folder, "synthetic": _load_synthetic, "demo": _load_demo,
 }
+assert sorted(DATASETS) == cli.DATASET_NAMES, "cli.DATASET_NAMES are the --data choices: keep them in step"
 
 
 def load_dataset(name, data_dir="data", download=False):
@@ -570,48 +570,6 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
     return features, labels
 
 
-def positive_int(text):
-    """argparse type for counts and sizes: an int ≥ 1, else a one-line usage error at parse time."""
-    return _int_at_least(text, 1)
-
-
-def nonneg_int(text):
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text, low):
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    return value
-
-
-def add_common_args(p):
-    """The flags every script shares, with the same names and meanings (STYLE.md §16)."""
-    # data
-    p.add_argument("--data", default="dtd", choices=sorted(DATASETS), help="dataset name")
-    p.add_argument("--data-dir", default="data", help="root folder holding the datasets")
-    p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
-    # CLIP
-    p.add_argument("--clip-model", default=None, help="open_clip model (default ViT-B-32; tiny-demo for --data demo)")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip tag (default openai), a local weights file, or none (random init)")
-    # system
-    p.add_argument("--seed", type=int, default=1, help="optimisation seed (CAP runs seeds 1-3)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (method default if unset)")
-    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
-    p.add_argument("--cache-dir", default="cache", help="feature, weight and LLM response cache")
-    p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache")
-    p.add_argument("--out-dir", default=None, help="where results.json goes (default runs/<script>-<data>-...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
 def prepare(args, device, transform=None):
     """Load the dataset and CLIP, then encode both splits once (cached). -> dict of everything scripts share."""
     train, y_train, test, y_test, classnames = load_dataset(args.data, args.data_dir, args.download)
@@ -763,78 +721,74 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, chunk=N
 
 
 # -----------------------------------------------------------------------------
-# LLM class descriptions (CAP §3.1), one plain HTTP request with `requests`
+# LLM: one chat-completions request with `requests`, retried, cached on disk
 
 class LLMError(Exception):
     """The LLM server gave no usable answer (unreachable, refused, malformed); callers may fall back."""
 
 
-def _snippet(text):
-    """First 160 chars of a reply on one line, with the API key blanked should a server echo it."""
-    s, key = " ".join(text.split())[:160], os.environ.get("OPENAI_API_KEY")
-    return repr(s.replace(key, "***") if key else s)
+def _chat_once(endpoint, body, timeout, max_bytes):
+    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx). Anything
+    else raises LLMError. Errors never carry the request, so never the key (`from None`, key blanked)."""
+    import requests  # only the LLM path needs it
+    key = os.environ.get("OPENAI_API_KEY")
+    try:
+        with requests.post(endpoint, json=body, headers={"Authorization": f"Bearer {key}"} if key else {},
+                           timeout=timeout, stream=True) as r:
+            raw, deadline = b"", time.monotonic() + timeout
+            for chunk in r.iter_content(1 << 16):  # streamed: a huge or endless reply is cut off
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise LLMError(f"reply from {endpoint} is over {max_bytes} bytes; stopped reading")
+                if time.monotonic() > deadline:  # `timeout` bounds each read; this bounds the whole body
+                    return None, f"timed out after {timeout:g}s"
+    except (requests.Timeout, requests.ConnectionError) as e:  # a stall mid-body is a ConnectionError
+        if isinstance(e, requests.Timeout) or "timed out" in str(e).lower():
+            return None, f"timed out after {timeout:g}s"
+        return None, "cannot connect (is the server running at this URL?)"
+    except requests.RequestException as e:
+        raise LLMError(f"request to {endpoint} failed ({type(e).__name__})") from None
+    text = raw.decode("utf-8", "replace")
+    if key:  # should a server echo it
+        text = text.replace(key, "***")
+    if r.status_code == 429 or r.status_code >= 500:
+        return None, f"HTTP {r.status_code}"
+    if r.status_code in (401, 403):
+        raise LLMError(f"HTTP {r.status_code} from {endpoint}: not authorised, check OPENAI_API_KEY")
+    if "html" in r.headers.get("Content-Type", "").lower() or text.lstrip().startswith("<"):
+        raise LLMError(f"{endpoint} sent an HTML page (HTTP {r.status_code}), not JSON: "
+                       f"is it an OpenAI-compatible server?")
+    return _reply_contents(text, r.status_code, endpoint), None
 
 
-def _parse_choices(text, endpoint):
-    """Chat-completions JSON -> the non-empty message contents, one per choice."""
+def _reply_contents(text, status, endpoint):
+    """A chat-completions reply -> its non-empty message contents, one per choice; else LLMError."""
+    snippet = repr(" ".join(text.split())[:160])
+    if status != 200:
+        raise LLMError(f"HTTP {status} from {endpoint}: {snippet}")
     try:
         data = json.loads(text)
     except ValueError:
-        raise LLMError(f"{endpoint} returned malformed JSON: {_snippet(text)}") from None
+        raise LLMError(f"{endpoint} returned malformed JSON: {snippet}") from None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:
-        raise LLMError(f"{endpoint} reply has no 'choices': {_snippet(text)}")
-    msgs = [c.get("message") for c in choices if isinstance(c, dict)]
-    contents = [m.get("content") for m in msgs if isinstance(m, dict)]
+        raise LLMError(f"{endpoint} reply has no 'choices': {snippet}")
+    contents = [c["message"]["content"] for c in choices
+                if isinstance(c, dict) and isinstance(c.get("message"), dict)]
     contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
     if not contents:
         raise LLMError(f"{endpoint} returned {len(choices)} choice(s), all with empty content")
     return contents
 
 
-def _chat_once(endpoint, body, headers, timeout, max_bytes):
-    """One POST -> (contents, None), or (None, why) for a failure worth retrying (network, 429, 5xx).
-    Failures a retry cannot fix raise LLMError. The body is streamed and dropped past max_bytes."""
-    import requests  # only the LLM path needs it
-    try:
-        with requests.post(endpoint, json=body, headers=headers, timeout=timeout, stream=True) as r:
-            raw, deadline = bytearray(), time.monotonic() + timeout
-            for chunk in r.iter_content(1 << 16):
-                raw += chunk
-                if len(raw) > max_bytes:
-                    raise LLMError(f"reply from {endpoint} is over {max_bytes} bytes; stopped reading")
-                if time.monotonic() > deadline:  # `timeout` is per read: bound the whole body too
-                    return None, f"timed out after {timeout:g}s"
-            status, ctype = r.status_code, r.headers.get("Content-Type", "").lower()
-    except requests.Timeout:
-        return None, f"timed out after {timeout:g}s"
-    except requests.ConnectionError as e:  # requests reports a read timeout mid-body as a ConnectionError
-        if "timed out" in str(e).lower():
-            return None, f"timed out after {timeout:g}s"
-        return None, "cannot connect (is the server running at this URL?)"
-    except requests.RequestException as e:  # `from None` keeps the request (and its headers) out
-        raise LLMError(f"request to {endpoint} failed ({type(e).__name__})") from None
-    text = raw.decode("utf-8", "replace")
-    if status == 429 or status >= 500:
-        return None, f"HTTP {status}"
-    if status in (401, 403):
-        raise LLMError(f"HTTP {status} from {endpoint}: not authorised, check OPENAI_API_KEY")
-    if "html" in ctype or text.lstrip().startswith("<"):
-        raise LLMError(f"{endpoint} sent an HTML page (HTTP {status}), not JSON: is it an OpenAI-compatible server?")
-    if status != 200:
-        raise LLMError(f"HTTP {status} from {endpoint}: {_snippet(text)}")
-    return _parse_choices(text, endpoint), None
-
-
 def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
                  max_bytes=1_000_000, backoff=0.5):
     """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts.
 
-    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer than n choices; we return what came.
-    retries counts attempts in all; network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s), so
-    the worst case is about timeout × retries + backoff. Any other failure raises LLMError at once.
-    The key comes from $OPENAI_API_KEY, is sent only when set, and is never logged, cached or raised.
-    With cache_dir, replies go to cache_dir/llm/<sha256 of the request>.json and reruns are offline.
+    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer choices; we return what came. `retries`
+    counts attempts in all; network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s).
+    The key comes from $OPENAI_API_KEY and is sent only when set. With cache_dir, replies are kept in
+    cache_dir/llm/<sha256 of the request>.json, so reruns are offline and deterministic.
     """
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -844,109 +798,22 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
             contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
             if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
                 return contents
-            raise ValueError("'contents' is not a list of strings")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"warning: LLM cache {cache_file.name} is unreadable ({type(e).__name__}); asking again", file=sys.stderr)
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        print(f"warning: LLM cache {cache_file.name} is unreadable; asking again", file=sys.stderr)
     base = url.rstrip("/")
     endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
     attempts = max(1, retries)
     for i in range(attempts):
-        contents, why = _chat_once(endpoint, body, headers, timeout, max_bytes)
-        if contents is not None:
-            break
-        if i + 1 < attempts:
-            wait = min(backoff * 2 ** i, 8.0)  # 0.5, 1, 2, ... s by default
-            print(f"LLM: {why}; retry {i + 1}/{attempts - 1} in {wait:g}s", file=sys.stderr)
+        if i:
+            wait = min(backoff * 2 ** (i - 1), 8.0)  # 0.5, 1, 2, ... s by default
+            print(f"LLM: {why}; retry {i}/{attempts - 1} in {wait:g}s", file=sys.stderr)
             time.sleep(wait)
+        contents, why = _chat_once(endpoint, body, timeout, max_bytes)
+        if contents:
+            break
     else:
         raise LLMError(f"{endpoint}: {why} (after {attempts} attempts)")
     if cache_file is not None:  # temp file + rename: never a half-written cache
         write_text_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
     return contents
-
-
-# The paper does not publish its prompt (METHODS.md, LLM descriptions); this one is ours.
-DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
-                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
-
-
-def parse_descriptions(text):
-    """Reply -> descriptions, from a JSON array or numbered/bulleted lines (other lines ignored; with no
-    list markers at all, every non-empty line counts). Stripped, de-duplicated ignoring case, no empties."""
-    import re
-    body = re.sub(r"^```\w*|```$", "", text.strip()).strip()  # a markdown code fence around the answer
-    try:
-        items = json.loads(body)
-        items = [str(s) for s in items] if isinstance(items, list) else [body]
-    except ValueError:
-        lines = [l.strip() for l in body.splitlines() if l.strip()]
-        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
-    return _dedupe(s.strip().strip("\"'").strip() for s in items)
-
-
-def _dedupe(items):
-    """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
-    out = {}
-    for s in items:
-        if s:
-            out.setdefault(s.lower(), s)
-    return list(out.values())
-
-
-def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
-    """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class; when the server sends several
-    choices their lists are merged in order. kw goes to llm_complete (timeout, retries, temperature, ...)."""
-    out = {}
-    for name in classnames:
-        article = "an" if domain[:1].lower() in "aeiou" else "a"
-        prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
-        replies = llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
-        out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
-    return out
-
-
-def load_descriptions(path):
-    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, not a {type(data).__name__}")
-    out = {}
-    for name, v in data.items():
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
-        out[name] = [s.strip() for s in v if s.strip()]
-    return out
-
-
-def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None,
-                       shipped=None):
-    """Where descriptions come from, first match wins: (1) --descriptions FILE; (2) the LLM at --llm-url;
-    (3) `shipped` (the demo's own answers), also when the LLM fails; (4) nothing: one warning, and the method
-    goes on with class-name prompts. -> {classname: [descriptions]}"""
-    if descriptions_file:
-        found = load_descriptions(descriptions_file)  # may describe more classes than those asked for
-        missing = [c for c in classnames if not found.get(c)]
-        if missing:
-            print(f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
-                  file=sys.stderr)
-        return {c: d for c, d in found.items() if c in classnames and d}
-    why = "no --llm-url/--llm-model (an OpenAI-compatible server) and no --descriptions FILE"
-    if url:
-        if not model:
-            raise UserError("--llm-url needs --llm-model (the model name the server serves)")
-        try:
-            return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
-        except LLMError as e:
-            why = f"the LLM failed: {e}"
-    if shipped is not None:
-        print(f"note: using the shipped descriptions ({why})", file=sys.stderr)
-        return {c: shipped[c] for c in classnames if shipped.get(c)}
-    print(f"warning: no class descriptions ({why}); going on with class-name prompts", file=sys.stderr)
-    return {}

@@ -23,14 +23,7 @@ import math
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torchvision.transforms import v2
-from tqdm import tqdm
-
-import common
+import cli
 
 EMB_DIM = 128       # projection-head output (METHODS.md §5.2)
 MOCO_M = 0.999      # key-encoder and prototype EMA momentum
@@ -48,35 +41,48 @@ DEMO_DEFAULTS = dict(arch="narrow", epochs=12, warm_up=8, start_cont=2, batch_si
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(p)
+    cli.add_common_args(p)
     # annotation (METHODS.md §5.1)
     p.add_argument("--templates", default="small", choices=["small", "imagenet"],
                    help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
-    p.add_argument("--cand-k", type=common.positive_int, default=5, help="k for --cand-mode topk / ratio")
+    p.add_argument("--cand-k", type=cli.positive_int, default=5, help="k for --cand-mode topk / ratio")
     # networks (METHODS.md §5.2, §5.2.9)
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
-    p.add_argument("--image-size", type=common.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
-    p.add_argument("--queue-size", type=common.positive_int, default=8192, help="MoCo queue length (METHODS.md §5.2)")
+    p.add_argument("--image-size", type=cli.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
+    p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="MoCo queue length (METHODS.md §5.2)")
     # method (METHODS.md §5.2)
-    p.add_argument("--warm-up", type=common.nonneg_int, default=10,
+    p.add_argument("--warm-up", type=cli.nonneg_int, default=10,
                    help="partial-CE warm-up epochs; 10 is DivideMix's CIFAR-10 value, chosen for the 100-epoch "
                         "runs (the released code uses 50 for its 800-epoch runs, 100 on CIFAR-100)")
-    p.add_argument("--start-cont", type=common.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
+    p.add_argument("--start-cont", type=cli.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
     p.add_argument("--p-threshold", type=float, default=0.5, help="clean if GMM clean probability w > this")
     p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
     # optimisation (METHODS.md §5.2.7)
-    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
+    p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
-    p.add_argument("--cosine-epochs", type=common.positive_int, default=None,
+    p.add_argument("--cosine-epochs", type=cli.positive_int, default=None,
                    help="cosine period; default = --epochs (the released code hard-codes 800)")
     if p.parse_args(argv).data == "demo":
         p.set_defaults(**DEMO_DEFAULTS)
     return p.parse_args(argv)
+
+
+# The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
+if __name__ == "__main__":
+    parse_args()
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+import common
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +92,7 @@ def parse_args(argv=None):
 def template_weights(model, tokenizer, classnames, templates, device, quiet=False):
     """One text classifier per prompt template. -> W [T, C, D], L2-normalised."""
     return torch.stack([common.zero_shot_weights(model, tokenizer, classnames, [t], device).cpu()
-                        for t in tqdm(templates, desc="annotate", disable=quiet)])
+                        for t in common.progress(templates, "annotate", quiet)])
 
 
 def annotate(f_train, W):
@@ -265,7 +271,7 @@ def warmup_epoch(net, opt, x_train, S, mean, std, B, g, device, quiet):
     N = len(x_train)
     batches = batch_stream(torch.arange(N), 2 * B, math.ceil(N / (2 * B)), g)
     total = 0.0
-    for idx in tqdm(batches, desc="warm-up", leave=False, disable=quiet):
+    for idx in common.progress(batches, "warm-up", quiet):
         logits, _ = net(to_input(strong_augment(x_train[idx], g), mean, std, device))
         loss = partial_ce(logits, S[idx].to(device)) + neg_entropy(logits)
         opt.zero_grad(set_to_none=True)
@@ -449,7 +455,7 @@ def train_epoch(st, other, div, x_train, args, epoch, B, g, mean, std, device, p
     cont_on = epoch >= args.warm_up + args.start_cont
     sums = dict.fromkeys(["loss", "x", "u", "proto", "cont"], 0.0)
     batches = zip(batch_stream(idx_x, B, n_iter, g), batch_stream(idx_u, B, n_iter, g))
-    for bx, bu in tqdm(batches, total=n_iter, desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
+    for bx, bu in common.progress(list(batches), f"epoch {epoch + 1}", quiet):
         n_x, ix = len(bx), torch.cat([bx, bu])
         imgs = x_train[ix]  # uint8 [n_x + n_u, 3, H, W]
         w1, w2 = (to_input(weak_augment(imgs, g), mean, std, device) for _ in range(2))

@@ -373,3 +373,16 @@ def test_no_import_cycle_between_top_level_modules():
     for a, deps in imports.items():
         for b in deps:
             assert a not in imports.get(b, set()), f"{a} and {b} import each other"
+
+
+@pytest.mark.parametrize("script", ["cap.py", "coreg.py", "zeroshot.py"])
+@pytest.mark.parametrize("args, code", [(["--data", "nosuch"], 2), (["--help"], 0)])
+def test_a_bad_flag_is_answered_before_torch_is_imported(script, args, code):
+    """The scripts check the command line before their torch import (5-17 s), so argparse answers at once."""
+    r = subprocess.run([sys.executable, "-X", "importtime", script, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == code
+    if code:
+        assert "error: argument --data: invalid choice: 'nosuch'" in r.stderr
+    imported = {l.rsplit("|", 1)[-1].strip() for l in r.stderr.splitlines() if l.startswith("import time:")}
+    assert "argparse" in imported and not imported & {"torch", "numpy", "common"}

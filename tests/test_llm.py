@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import common
-from common import LLMError, class_descriptions, describe_classes, llm_complete, load_descriptions, parse_descriptions
+from cap import class_descriptions, describe_classes, load_descriptions, parse_descriptions
+from common import LLMError, llm_complete
 
 KEY = "sk-test-SECRET-0123456789"
 
