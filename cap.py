@@ -32,6 +32,21 @@ DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "
                     "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,  # demo: CPU-sized budget
                              "n_main": 32,  # 32 of 300 images per class (the paper's 16 of ~100-1000)
                              "crop_min": 0.5}}  # 32-px patterns whose classes differ by scale (demo.py)
+# Where the released code (Noahwangyuchen/CAP) does something other than the paper's text. The paper's
+# formulas are the default; --as-released turns on all of these, --release a,b some (docs/cap.md measures each).
+RELEASE_BEHAVIOURS = {
+    "margin": "calibrated margin: S rows rescaled, weight Δ(1−r)/(1+r) (same as --margin-variant code)",
+    "flip": "strong view always flipped (p = 1, not 0.5)",
+    "quirk": "initial pseudolabels and detection from the prompt 'a photo of a {}<class>' (f-string slip)",
+    "no-low-t": "mismatched classes = Y_final, without ∩ Y_low-t",
+    "leaderboard": "initial D_PL from FPL's streaming top-K leaderboard (images overflow to other classes)",
+    "described": "--descriptions FILE decides which classes are described, detected or not",
+    "desc-all": "a described class takes its top-K images among all training images, labeled ones too",
+    "trzsl-all": "TRZSL: L_UL pseudolabels over all classes; seen-class predictions count in σ",
+    "sigma-repeats": "σ counts every confident prediction of the epoch (an image drawn twice counts twice)",
+    "ssl-draw": "SSL shots: numpy reseeded with 0 before each class",
+}
+RELEASE_PROMPT = "a photo of a {{}}{}"  # .format(name) -> "a photo of a {}name", the release's f"{template}{name}"
 DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image",
            "flowers102": "flower", "fgvc_aircraft": "aircraft", "cub": "bird", "demo": "synthetic pattern image"}
 
@@ -66,7 +81,16 @@ def parse_args(argv=None):
     p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
-    return p.parse_args(argv)
+    # the released code (default: the paper's formulas)
+    p.add_argument("--as-released", action="store_true",
+                   help="every behaviour of the released code at once (RELEASE_BEHAVIOURS; docs/cap.md)")
+    p.add_argument("--release", default="", help="comma-separated subset of RELEASE_BEHAVIOURS: "
+                   + ", ".join(RELEASE_BEHAVIOURS))
+    args = p.parse_args(argv)
+    unknown = set(filter(None, args.release.split(","))) - set(RELEASE_BEHAVIOURS)
+    if unknown:
+        p.error(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(RELEASE_BEHAVIOURS)}")
+    return args
 
 
 # The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
@@ -84,6 +108,11 @@ import common
 import demo
 
 
+def release_behaviours(args):
+    """The set of released-code behaviours this run uses (all with --as-released, none by default)."""
+    return set(RELEASE_BEHAVIOURS) if args.as_released else set(filter(None, args.release.split(",")))
+
+
 def resolve(args, key, fallback):
     """A flag's value, else the released per-dataset value, else the paper default."""
     value = getattr(args, key)
@@ -93,15 +122,35 @@ def resolve(args, key, fallback):
 # -----------------------------------------------------------------------------
 # §4.1 Settings: which images are labeled and which classes get pseudolabels (METHODS.md §1.2)
 
-def split_setting(mode, labels, num_classes, split_seed):
+def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
+    """SSL: `shots` labeled images per class, drawn without replacement from numpy seeded with `seed` (0 as
+    released): one stream for all classes, or reseeded before each class as the release does. -> idx tensor."""
+    rng, idx = np.random.RandomState(seed), []
+    for c in range(num_classes):
+        rng = np.random.RandomState(seed) if reseed_per_class else rng
+        idx.append(rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False))
+    return torch.as_tensor(np.concatenate(idx))
+
+
+def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
+    """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
+    if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
+        raise common.UserError(f"TRZSL needs at least one seen and one unseen class; {num_classes} classes is too few")
+    rng = np.random.RandomState(split_seed)
+    seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
+    unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
+    return seen, unseen
+
+
+def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
     """-> (labeled idx, unlabeled idx, pseudolabeled classes, seen classes) for UL, SSL or TRZSL."""
     all_idx, classes = torch.arange(len(labels)), torch.arange(num_classes)
     if mode == "ul":
         return all_idx[:0], all_idx, classes, classes[:0]
     if mode == "ssl":
-        lab = common.protocol_ssl(labels, num_classes)
+        lab = protocol_ssl(labels, num_classes, reseed_per_class=ssl_reseed)
         return lab, all_idx[~torch.isin(all_idx, lab)], classes, classes[:0]
-    seen, unseen = common.protocol_trzsl(num_classes, split_seed)
+    seen, unseen = protocol_trzsl(num_classes, split_seed)
     is_seen = torch.isin(labels, seen)
     return all_idx[is_seen], all_idx[~is_seen], unseen, seen
 
@@ -118,7 +167,7 @@ def match_log_odds(logits):
     return -diff.logsumexp(-1)  # [R, R]
 
 
-def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0):
+def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, intersect_low_t=True):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
 
     image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels.
@@ -145,6 +194,8 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
     centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
+    if not intersect_low_t:  # the released notebook stops here: Y_MM = Y_final
+        return classes, centres
     counts = torch.bincount(zs_pred, minlength=C)  # [C]
     low_t = set(counts.argsort(stable=True)[:t].tolist())  # the t least-predicted classes (Y_low-t)
     return [c for c in classes if c in low_t], centres
@@ -263,11 +314,36 @@ def initial_pseudolabels(probs, classes, K):
     return dpl
 
 
-def align_pseudolabels(dpl, image_features, description_features, K):
-    """Replace a mismatched class's D_PL by the top-K images by cosine to its chosen description."""
+def streaming_leaderboard(probs, classes, K):
+    """Initial D_PL as released (FPL's leaderboard). Images arrive in pool order. An image joins the board
+    of its predicted class if that board has room or it beats the board's last entry (the lowest one is
+    dropped, never re-offered). Otherwise it is offered to every other class by decreasing probability and
+    joins each board that has room or whose last entry it beats, so one image may sit on several boards.
+    Appending to a board with room does not re-sort it, as released. -> {class: idx [≤K]}"""
+    cols = classes.tolist()
+    boards = {c: [] for c in cols}
+    for n, row in enumerate(probs[:, classes].tolist()):  # row [C'] over the pseudolabeled classes
+        order = sorted(range(len(cols)), key=lambda j: -row[j])  # predicted class first
+        b, p = boards[cols[order[0]]], row[order[0]]
+        if len(b) < K or b[-1][0] < p:
+            boards[cols[order[0]]] = sorted(b + [(p, n)], reverse=True)[:K]
+            continue
+        for j in order[1:]:
+            b = boards[cols[j]]
+            if len(b) < K:
+                b.append((row[j], n))
+            elif b[-1][0] < row[j]:
+                boards[cols[j]] = sorted(b + [(row[j], n)], reverse=True)[:K]
+    return {c: torch.tensor([n for _, n in b], dtype=torch.long) for c, b in boards.items()}
+
+
+def align_pseudolabels(dpl, image_features, description_features, K, ids=None):
+    """Replace a mismatched class's D_PL by the top-K images by cosine to its chosen description.
+    ids [N] maps a row of image_features to the index D_PL uses (default: the row itself)."""
     dpl = dict(dpl)
     for c, f in description_features.items():
-        dpl[c] = (image_features @ f).topk(min(K, len(image_features))).indices  # [K]
+        top = (image_features @ f).topk(min(K, len(image_features))).indices  # [K]
+        dpl[c] = top if ids is None else ids[top]
     return dpl
 
 
@@ -320,12 +396,17 @@ def encode_text_maple(model, learner, tokens):
 
 
 def encode_image_maple(model, learner, images):
-    """Vision encoder with n_ctx prompt tokens appended after the patches, replaced at deep layers. -> [B, D]"""
+    """Vision encoder with n_ctx prompt tokens appended after the patches, replaced at deep layers. -> [B, D]
+    The shallow prompts join before ln_pre, as in the release (open_clip's own _embeds ends with ln_pre;
+    its patch dropout is inactive in eval mode and left out)."""
     visual = model.visual
     shallow, deep = vision_prompts(learner)
-    x = visual._embeds(images)  # [B, 1+P, Wv] (class token, patches, ln_pre)
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv] patch embeddings
     B, n_ctx = x.shape[0], shallow.shape[0]
-    x = torch.cat([x, shallow.to(x.dtype).expand(B, -1, -1)], 1)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, -1), x], 1)  # [B, 1+P, Wv]
+    x = x + visual.positional_embedding.to(x.dtype)
+    x = torch.cat([x, shallow.to(x.dtype).expand(B, -1, -1)], 1)  # [B, 1+P+n_ctx, Wv]
+    x = visual.ln_pre(x)
     for i, block in enumerate(visual.transformer.resblocks):
         if 1 <= i <= len(deep):
             x = torch.cat([x[:, :-n_ctx], deep[i - 1].to(x.dtype).expand(B, -1, -1)], 1)
@@ -387,10 +468,10 @@ def fixmatch_loss(logits_s, y_hat, mask, M):
 # -----------------------------------------------------------------------------
 # §3.3 Dual-adapter training (METHODS.md §4.4-§4.7)
 
-def strong_view(size, normalize, crop_min=0.08):
+def strong_view(size, normalize, crop_min=0.08, flip_p=0.5):
     """RandomResizedCrop(scale crop_min-1) + horizontal flip (§4.4: 0.08; the release flips always, p = 1)."""
     return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+                      T.RandomHorizontalFlip(flip_p), T.ToTensor(), normalize])
 
 
 def two_views(img, weak, strong):
@@ -432,27 +513,49 @@ def class_prototypes(model, learner, adapters, dataset, labels, text_features, d
 
 
 def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
-    """D_PL expansion (§4.6): k_e = K + (min(1000, ⌊|U|/C'⌋·ratio) − K)·min(1, e / 0.7E) per class.
+    """D_PL expansion (§4.6): k_e = K + ⌊(min(1000, ⌊⌊|U|/C'⌋·ratio⌋) − K)·min(1, e / 0.7E)⌋ per class.
 
-    seen_pl: {pool index: (class, confidence)} of last epoch's confident predictions. Existing D_PL
-    entries are kept first (our reading of "filled up with the old entries"), then new images by confidence.
+    seen_pl: {pool index: (class, confidence)} of last epoch's confident predictions. As released, a class
+    takes its top-k_e new images (not already in D_PL) by confidence first, then tops up with its old
+    entries in their order, so old entries drop out once there are k_e new ones.
     """
-    k_e = int(n_main + (min(1000, pool_size // len(dpl) * ratio) - n_main) * min(1.0, epoch / (0.7 * epochs)))
+    k_max = min(1000, int(pool_size // len(dpl) * ratio))
+    k_e = n_main + int((k_max - n_main) * min(1.0, epoch / (0.7 * epochs)))
     taken = set(torch.cat(list(dpl.values())).tolist())
     new = {}
     for c, old in dpl.items():
         fresh = sorted(((conf, i) for i, (cls, conf) in seen_pl.items() if cls == c and i not in taken), reverse=True)
-        extra = torch.tensor([i for _, i in fresh[:max(0, k_e - len(old))]], dtype=torch.long)
-        new[c] = torch.cat([old, extra])
+        fresh = torch.tensor([i for _, i in fresh[:k_e]], dtype=torch.long)  # [≤ k_e]
+        new[c] = torch.cat([fresh, old[:k_e - len(fresh)]])
     return new
 
 
-def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes, device, iters, quiet, scale):
-    """One epoch of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>. Returns loss parts, confident predictions, stats."""
-    allowed = torch.full((M.shape[0],), float("-inf"), device=device)
-    allowed[pseudo_classes] = 0  # pseudolabels only among the pseudolabeled classes (TRZSL: unseen)
+def prediction_counts(seen_pl, counts, seen, repeats=False):
+    """σ [C] for the margin (§3.2): confident predictions per class in the last epoch, one per image (the
+    paper: "samples"), or every prediction, an image drawn twice counting twice (release). Classes never
+    pseudolabeled count too (TRZSL as released: seen classes, which raise max σ). Seen classes are then
+    set to max σ: r = 1, no margin, as released."""
+    sigma = counts.clone() if repeats else \
+        torch.bincount(torch.tensor([c for c, _ in seen_pl.values()], dtype=torch.long), minlength=len(counts)).float()
+    sigma[seen] = sigma.max()
+    return sigma  # [C]
+
+
+def weak_pseudolabels(logits_w, classes, tau):
+    """L_UL's FixMatch pseudolabels from weak-view logits [B, C], softmax over `classes` only: the
+    pseudolabeled classes (paper; TRZSL: unseen), or all classes (TRZSL as released). -> conf, ŷ, mask [B]"""
+    allowed = torch.full_like(logits_w[0], float("-inf"))  # [C]
+    allowed[classes] = 0
+    conf, y_hat = (logits_w + allowed).softmax(1).max(1)  # [B], [B]
+    return conf, y_hat, (conf > tau).float()
+
+
+def train_epoch(model, learner, adapters, opt, sched, scaler, batches, M, tau, ul_classes, device, iters, quiet, scale):
+    """One epoch of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>. Returns stats (loss parts, counts [C] of
+    every confident prediction) and {pool position: (class, confidence)}, the most confident per image."""
     M = M.to(device)
     stats, seen_pl = {"pl": 0.0, "ul": 0.0, "l": 0.0, "mask": 0.0, "hit": 0, "n_conf": 0}, {}
+    stats["counts"] = torch.zeros(M.shape[0])
     for _ in common.progress(range(iters), "train", quiet):
         x_m, y_m, _ = next(batches["main"])
         (x_w, x_s), y_u, u_pos = next(batches["unlabeled"])
@@ -461,9 +564,7 @@ def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_cl
             t = adapt(adapters["text"], encode_text_maple(model, learner, batches["tokens"]))  # [C, D]
             with torch.no_grad():  # pseudolabels from the main adapter on the weak view
                 v_w = adapt(adapters["main"], encode_image_maple(model, learner, x_w.to(device)))
-                q = (scale * v_w @ t.T + allowed).softmax(1)  # [B, C]
-            conf, y_hat = q.max(1)
-            mask = (conf > tau).float()  # [B]
+                conf, y_hat, mask = weak_pseudolabels(scale * v_w @ t.T, ul_classes, tau)  # [B] each
             v = encode_image_maple(model, learner, torch.cat([x_m, x_l, x_s]).to(device))  # one pass, 3 views
             n_m, n_l = len(x_m), len(x_l)
             v_m = adapt(adapters["main"], v[:n_m + n_l])  # main adapter: D_PL and labeled images
@@ -475,10 +576,12 @@ def train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_cl
             loss_u = fixmatch_loss(scale * v_p @ t.T, y_hat, mask, M)
             loss = loss_pl + loss_u + loss_l
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()  # fp16 on CUDA: scaled, so small prompt gradients do not underflow
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         keep = mask.bool().cpu()
+        stats["counts"] += torch.bincount(y_hat.cpu()[keep], minlength=M.shape[0]).float()
         for pos, c, p in zip(u_pos[keep].tolist(), y_hat.cpu()[keep].tolist(), conf.cpu()[keep].tolist()):
             seen_pl[pos] = max(seen_pl.get(pos, (c, p)), (c, p), key=lambda cp: cp[1])
         stats["pl"] += loss_pl.item() / iters
@@ -522,27 +625,40 @@ def cosine_with_warmup(opt, warmup, total):
 # -----------------------------------------------------------------------------
 # main: the steps in paper order
 
-def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device):
-    """§3.1 end to end: D_PL, mismatch detection, LLM descriptions, relabelled D_PL. -> (dpl, report)"""
+def described_classes(args, classnames, pseudo_classes, mismatched, release):
+    """Which classes get a description: the detected ones (paper), or, as released, those the --descriptions
+    file names (the release hard-codes its described classes per dataset), detected or not."""
+    if "described" not in release or not args.descriptions:
+        return mismatched
+    named = load_descriptions(args.descriptions)
+    return [c for c in pseudo_classes.tolist() if named.get(classnames[c])]
+
+
+def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device, release):
+    """§3.1 end to end: D_PL, mismatch detection, LLM descriptions, relabelled D_PL. -> (dpl, report)
+    probs [N, C] and d["W_pl"] [C, D] come from the pseudolabel prompt (the release's quirk changes it)."""
     f_u, classnames = d["f_train"][U], d["classnames"]
-    dpl_local = initial_pseudolabels(probs[U], pseudo_classes, n_main)
-    to_pool = lambda dpl: {c: U[i] for c, i in dpl.items()}
-    report = {"dpl_acc_before_alignment": dpl_accuracy(to_pool(dpl_local), d["y_train"])}
+    initial = streaming_leaderboard if "leaderboard" in release else initial_pseudolabels
+    dpl = {c: U[i] for c, i in initial(probs[U], pseudo_classes, n_main).items()}  # pool indices
+    report = {"dpl_acc_before_alignment": dpl_accuracy(dpl, d["y_train"])}
     t = resolve(args, "mismatch_t", math.ceil(len(pseudo_classes) / 10))
     zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
-    mm_local, centres = detect_mismatch(f_u, d["W"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"])
+    mm_local, centres = detect_mismatch(f_u, d["W_pl"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"],
+                                        intersect_low_t="no-low-t" not in release)
     mismatched = [pseudo_classes[i].item() for i in mm_local]
     print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
+    described = described_classes(args, classnames, pseudo_classes, mismatched, release)
     shipped = demo.DESCRIPTIONS if args.data == "demo" else None  # the demo ships its "LLM" answers
-    descriptions = {} if not mismatched else class_descriptions(
-        [classnames[c] for c in mismatched], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
+    descriptions = {} if not described else class_descriptions(
+        [classnames[c] for c in described], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
         url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
         shipped=shipped)
     desc_feats = {c: common.zero_shot_weights(d["model"], d["tokenizer"], descriptions[classnames[c]], ["{}"], device).cpu()
-                  for c in mismatched if descriptions.get(classnames[c])}  # bare sentences, no template
+                  for c in described if descriptions.get(classnames[c])}  # bare sentences, no template
     chosen = choose_descriptions(desc_feats, centres)
-    dpl_local = align_pseudolabels(dpl_local, f_u, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, n_main)
-    dpl = to_pool(dpl_local)
+    chosen.update({c: (0, None) for c in desc_feats if c not in chosen})  # no leftover cluster: the first one
+    feats, ids = (d["f_train"], torch.arange(len(d["f_train"]))) if "desc-all" in release else (f_u, U)
+    dpl = align_pseudolabels(dpl, feats, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, n_main, ids)
     report.update(mismatched_classes=[classnames[c] for c in mismatched],
                   chosen_descriptions={classnames[c]: descriptions[classnames[c]][i] for c, (i, _) in chosen.items()},
                   dpl_acc_after_alignment=dpl_accuracy(dpl, d["y_train"]))
@@ -555,6 +671,7 @@ def main(argv=None):
     args = parse_args(argv)
     start, config = time.time(), vars(args).copy()
     print(json.dumps(config))
+    release = release_behaviours(args)  # the released code's behaviours in use (none: the paper's formulas)
     device = common.get_device(args.device)
     if args.eval_only and not args.checkpoint:
         raise common.UserError("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
@@ -562,7 +679,7 @@ def main(argv=None):
     common.set_seed(args.seed)  # after encoding: a cache hit must not change the random stream
     classnames, y_train, y_test = d["classnames"], d["y_train"], d["y_test"]
     C, model, preprocess = len(classnames), d["model"].requires_grad_(False), d["preprocess"]
-    L, U, pseudo_classes, seen = split_setting(args.mode, y_train, C, args.split_seed)
+    L, U, pseudo_classes, seen = split_setting(args.mode, y_train, C, args.split_seed, "ssl-draw" in release)
     out_dir = Path(args.out_dir or f"runs/cap-{args.data}-{args.mode}-seed{args.seed}")
     tau, n_main = resolve(args, "tau", 0.85), resolve(args, "n_main", 16)
     epochs, iters = resolve(args, "epochs", 50), resolve(args, "iters", 50)
@@ -571,7 +688,9 @@ def main(argv=None):
     # Logits are CLIP's own scale·cos: 100 for OpenAI's CLIP (the paper's constant), learned for the demo CLIP.
     scale = d["scale"] = model.logit_scale.exp().item()
     d["W"] = common.zero_shot_weights(model, d["tokenizer"], classnames, common.TEMPLATES_SINGLE, device).cpu()
-    probs = (scale * d["f_train"] @ d["W"].T).softmax(1)  # [N, C]
+    d["W_pl"] = d["W"] if "quirk" not in release else \
+        common.zero_shot_weights(model, d["tokenizer"], classnames, [RELEASE_PROMPT], device).cpu()  # [C, D]
+    probs = (scale * d["f_train"] @ d["W_pl"].T).softmax(1)  # [N, C]
     zs = test_metrics((d["f_test"] @ d["W"].T).argmax(1), y_test, seen)
     learner, tokens = build_maple(model.cpu(), d["tokenizer"], classnames, args.prompt_depth)
     model, learner, tokens = model.to(device), learner.to(device), tokens.to(device)
@@ -584,19 +703,23 @@ def main(argv=None):
         return metrics
 
     # §3.1 concept alignment -> high-precision pseudolabels D_PL
-    dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, n_main, device)
+    dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, n_main, device, release)
 
     # §3.3 model, data streams and optimiser
     adapters = build_adapters(d["W"].shape[1]).to(device)
     opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9, weight_decay=args.wd)
     sched = cosine_with_warmup(opt, iters, epochs * iters)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     bs = args.batch_size or 32
-    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1], resolve(args, "crop_min", 0.08))
+    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1], resolve(args, "crop_min", 0.08),
+                         flip_p=1.0 if "flip" in release else 0.5)
     pair = functools.partial(two_views, weak=preprocess, strong=strong)
     batches = {"tokens": tokens, "unlabeled": forever(subset(d["train"], y_train[U], U, pair), bs, args.seed, args.workers)}
     if len(L):
         batches["labeled"] = forever(subset(d["train"], y_train[L], L, preprocess), bs, args.seed + 1, args.workers)
     proto_extra = {c.item(): L[y_train[L] == c][:n_main] for c in seen}  # TRZSL: labeled seen images (§4.2)
+    ul_classes = torch.arange(C) if "trzsl-all" in release else pseudo_classes  # what L_UL may pseudolabel
+    margin_variant = "code" if "margin" in release else args.margin_variant
 
     M, sigma = torch.zeros(C, C), torch.zeros(C)
     for epoch in range(epochs):
@@ -610,11 +733,10 @@ def main(argv=None):
             p_idx, p_y = flatten({**dpl, **proto_extra}) if proto_extra else (idx, y_pl)
             protos = class_prototypes(model, learner, adapters, subset(d["train"], p_y, p_idx, preprocess),
                                       p_y, t_plain, device)
-            M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, args.margin_variant)
-        stats, seen_pl = train_epoch(model, learner, adapters, opt, sched, batches, M, tau, pseudo_classes.to(device),
-                                     device, iters, args.quiet, scale)
-        sigma = torch.bincount(torch.tensor([c for c, _ in seen_pl.values()], dtype=torch.long), minlength=C).float()
-        sigma[seen] = sigma.max()  # TRZSL seen classes: r = 1, no margin (§4.5)
+            M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, margin_variant)
+        stats, seen_pl = train_epoch(model, learner, adapters, opt, sched, scaler, batches, M, tau,
+                                     ul_classes.to(device), device, iters, args.quiet, scale)
+        sigma = prediction_counts(seen_pl, stats["counts"], seen, "sigma-repeats" in release)
         pl_acc = stats["hit"] / max(1, stats["n_conf"])
         print(f"epoch {epoch + 1}/{epochs} | loss {stats['pl'] + stats['ul'] + stats['l']:.3f} "
               f"(pl {stats['pl']:.3f}, ul {stats['ul']:.3f}, l {stats['l']:.3f}) | mask {stats['mask']:.2f} | "
@@ -636,6 +758,7 @@ def main(argv=None):
                         "prompt_depth": args.prompt_depth}, out_dir / "cap_prompts.pt")
     path = common.write_results(out_dir, config, metrics, start, extra={
         "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "concept_alignment": report,
+        "release_behaviours": sorted(release),
         "per_class_test_acc": per_class})
     print(f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f})"
           + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")

@@ -1,8 +1,11 @@
-"""CAP unit and smoke tests (CPU, offline, tiny random CLIP): `python -m pytest -q test_cap.py`."""
+"""CAP unit and smoke tests (CPU, offline, tiny random CLIP): `python -m pytest -q tests/test_cap.py`.
+
+The tests under "issue 14" check where we follow the released code; each failed on commit 54e142f."""
 import json
 import math
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,7 +186,7 @@ def test_unreachable_llm_warns_and_the_run_goes_on(tmp_path, capsys):
         port = s.getsockname()[1]
     m = run(tmp_path, "--mismatch-t", "4", "--llm-url", f"http://127.0.0.1:{port}", "--llm-model", "x")
     assert 0.0 <= m["test_acc"] <= 1.0
-    assert "no LLM class descriptions" in capsys.readouterr().err
+    assert "no class descriptions" in capsys.readouterr().err
 
 
 def test_descriptions_file_is_used_and_malformed_file_is_a_clear_error(tmp_path):
@@ -196,3 +199,145 @@ def test_descriptions_file_is_used_and_malformed_file_is_a_clear_error(tmp_path)
     bad.write_text("{not json")
     with pytest.raises(common.UserError, match="bad.json"):
         run(tmp_path, "--mismatch-t", "4", "--descriptions", str(bad))
+
+
+# evaluation protocols (UL / SSL / TRZSL) ---------------------------------------
+
+def test_ssl_protocol_picks_two_distinct_images_per_class_the_same_way_every_time():
+    labels = torch.arange(40) % 4  # [40], 10 images per class
+    idx = cap.protocol_ssl(labels, 4)
+    assert len(idx) == 8 and len(set(idx.tolist())) == 8
+    assert torch.bincount(labels[idx], minlength=4).tolist() == [2, 2, 2, 2]
+    assert torch.equal(cap.protocol_ssl(labels, 4), idx)
+
+
+@pytest.mark.parametrize("C, n_seen, n_unseen", [(47, 29, 18), (10, 6, 4), (45, 27, 18), (102, 63, 39)])
+def test_trzsl_split_has_the_papers_seen_and_unseen_sizes(C, n_seen, n_unseen):
+    seen, unseen = cap.protocol_trzsl(C)
+    assert (len(seen), len(unseen)) == (n_seen, n_unseen)
+    assert sorted(seen.tolist() + unseen.tolist()) == list(range(C))
+
+
+def test_trzsl_split_is_fixed_by_split_seed():
+    seen, _ = cap.protocol_trzsl(47, split_seed=500)
+    assert torch.equal(cap.protocol_trzsl(47, split_seed=500)[0], seen)
+    assert not torch.equal(cap.protocol_trzsl(47, split_seed=0)[0], seen)
+
+
+def test_trzsl_with_a_single_class_is_a_user_error():
+    with pytest.raises(common.UserError):
+        cap.protocol_trzsl(1)
+
+
+# issue 14: where we follow the released code ------------------------------------
+
+def test_dpl_expansion_takes_new_confident_images_first_then_tops_up_with_old_entries():
+    # item 2. Epoch 0: k_e = K = 3. Image 10 is already in D_PL, so it is not "new".
+    dpl = {0: torch.tensor([10, 11, 12]), 1: torch.tensor([20, 21])}
+    seen_pl = {30: (0, 0.95), 31: (0, 0.99), 32: (1, 0.90), 10: (0, 0.999), 33: (0, 0.97), 34: (0, 0.96)}
+    new = cap.expand_dpl(dpl, seen_pl, pool_size=100, n_main=3, epoch=0, epochs=10, ratio=0.8)
+    assert new[0].tolist() == [31, 33, 34]  # three new ones: every old entry drops out
+    assert new[1].tolist() == [32, 20, 21]  # one new one, topped up with the old entries in order
+    # later epochs: k_e = 3 + ⌊(min(1000, ⌊50·0.8⌋) − 3)·min(1, 7/7)⌋ = 40 keeps everything, new first
+    new = cap.expand_dpl(dpl, seen_pl, pool_size=100, n_main=3, epoch=7, epochs=10, ratio=0.8)
+    assert new[0].tolist() == [31, 33, 34, 30, 10, 11, 12]
+
+
+def test_trzsl_as_released_pseudolabels_over_all_classes_and_counts_seen_predictions_in_sigma():
+    # item 4. Class 0 is seen, 1 and 2 unseen; image 0 looks like the seen class.
+    logits = torch.tensor([[10.0, 0.0, 1.0], [0.0, 0.0, 10.0], [9.0, 0.0, 0.0]])
+    seen, unseen = torch.tensor([0]), torch.tensor([1, 2])
+    _, y_paper, _ = cap.weak_pseudolabels(logits, unseen, 0.5)
+    _, y_release, mask = cap.weak_pseudolabels(logits, torch.arange(3), 0.5)
+    assert y_paper.tolist() == [2, 2, 1] and y_release.tolist() == [0, 2, 0] and mask.tolist() == [1, 1, 1]
+    # σ: two seen-class predictions raise max σ, so the unseen class 2 gets r = 1/2 and a margin
+    seen_pl = {i: (c, 0.9) for i, c in enumerate(y_release.tolist())}
+    sigma = cap.prediction_counts(seen_pl, torch.zeros(3), seen)
+    assert sigma.tolist() == [2.0, 0.0, 1.0]
+    assert cap.calibrated_margin(torch.ones(3, 3), sigma, 1.0)[2].sum() > 0
+    paper = cap.prediction_counts({1: (2, 0.9)}, torch.zeros(3), seen)  # unseen-only pseudolabels
+    assert paper.tolist() == [1.0, 0.0, 1.0] and cap.calibrated_margin(torch.ones(3, 3), paper, 1.0)[2].sum() == 0
+
+
+def test_sigma_counts_every_prediction_when_asked_as_released():
+    seen_pl = {5: (1, 0.9)}  # image 5 was drawn twice in the epoch and predicted 1 both times
+    assert cap.prediction_counts(seen_pl, torch.tensor([0.0, 2.0]), torch.tensor([], dtype=torch.long),
+                                 repeats=True).tolist() == [0.0, 2.0]
+    assert cap.prediction_counts(seen_pl, torch.tensor([0.0, 2.0]), torch.tensor([], dtype=torch.long)).tolist() == [0.0, 1.0]
+
+
+def test_descriptions_file_decides_the_described_classes_as_released(tmp_path):
+    # item 5. t = 0: detection removes every class, so it finds no mismatched class at all.
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"green": ["a green thing"]}))
+    report = lambda name: json.loads((tmp_path / name / "results.json").read_text())["concept_alignment"]
+    run(tmp_path, "--mismatch-t", "0", "--descriptions", str(f), name="paper")
+    assert report("paper")["mismatched_classes"] == [] and report("paper")["chosen_descriptions"] == {}
+    run(tmp_path, "--mismatch-t", "0", "--descriptions", str(f), "--as-released", name="released")
+    assert report("released")["mismatched_classes"] == []
+    assert report("released")["chosen_descriptions"] == {"green": "a green thing"}
+
+
+def test_ssl_shots_as_released_reseed_numpy_with_0_before_each_class():
+    # item 6: the release calls np.random.seed(0) before each class and draws 2 shots without replacement
+    labels = torch.arange(90) % 3  # [90], 30 images per class
+    expected = []
+    for c in range(3):
+        np.random.seed(0)
+        expected += np.random.choice(np.where(labels.numpy() == c)[0], size=2, replace=False).tolist()
+    assert cap.protocol_ssl(labels, 3, reseed_per_class=True).tolist() == expected
+    assert cap.protocol_ssl(labels, 3).tolist() != expected  # our default: one stream for all classes
+    L, U, _, _ = cap.split_setting("ssl", labels, 3, 500, ssl_reseed=True)
+    assert L.tolist() == expected and len(U) == 84
+
+
+def test_flowers102_uses_clip_style_names(monkeypatch):
+    # item 7: torchvision's 'globe-flower', 'pink-yellow dahlia?' and 'ball moss'
+    monkeypatch.setattr(common, "_tv_pair", lambda cls, root, download, names, *kw: names)
+    names = common._load_flowers("nowhere", False)
+    assert len(names) == 102 and {"globe flower", "pink and yellow dahlia", "air plant"} <= set(names)
+    assert not {"globe-flower", "pink-yellow dahlia?", "ball moss"} & set(names)
+
+
+def test_shallow_vision_prompts_pass_through_ln_pre_as_released():
+    # item 8: the release concatenates the shallow prompts before ln_pre, so ln_pre sees 1 + P + n_ctx tokens
+    model, _, tok = common.load_clip("tiny", "none")
+    learner, _ = cap.build_maple(model, tok, ["red", "blue"], depth=1)
+    shapes = []
+    model.visual.ln_pre.register_forward_hook(lambda m, inputs, out: shapes.append(inputs[0].shape))
+    images = torch.randn(2, 3, *model.visual.image_size)
+    out = cap.encode_image_maple(model, learner, images)
+    n_patches = model.visual.grid_size[0] * model.visual.grid_size[1]
+    assert shapes == [torch.Size([2, 1 + n_patches + 2, model.visual.conv1.out_channels])]
+    assert out.shape == (2, model.visual.proj.shape[1]) and torch.allclose(out.norm(dim=1), torch.ones(2))
+
+
+def test_streaming_leaderboard_matches_a_hand_trace():
+    # K = 1. Image 1 does not beat class 0's board, so it is offered to classes 1 and 2 and joins both;
+    # image 2 then beats it on class 1's board; image 3 replaces image 0 on class 0's board.
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05]])
+    boards = cap.streaming_leaderboard(probs, torch.arange(3), 1)
+    assert {c: b.tolist() for c, b in boards.items()} == {0: [3], 1: [2], 2: [1]}
+
+
+def test_strong_view_flips_always_as_released():
+    from PIL import Image
+    img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    view = cap.strong_view(32, lambda x: x, crop_min=1.0, flip_p=1.0)  # full-image crop, always flipped
+    x = view(img)
+    assert torch.allclose(x, torch.from_numpy(np.asarray(img)[:, ::-1].copy()).permute(2, 0, 1).float() / 255, atol=1e-6)
+
+
+def test_unknown_release_behaviour_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        cap.parse_args(["--release", "margin,nonsense"])
+    assert cap.release_behaviours(cap.parse_args(["--as-released"])) == set(cap.RELEASE_BEHAVIOURS)
+    assert cap.release_behaviours(cap.parse_args(["--release", "flip,quirk"])) == {"flip", "quirk"}
+
+
+@pytest.mark.parametrize("mode", ["ul", "ssl", "trzsl"])
+def test_each_mode_runs_as_released(tmp_path, mode):
+    m = run(tmp_path, "--mode", mode, "--as-released")
+    assert 0.0 <= m["test_acc"] <= 1.0 and math.isfinite(m["final_loss"])
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["release_behaviours"] == sorted(cap.RELEASE_BEHAVIOURS)
