@@ -235,10 +235,6 @@ SMALL_CLASSNAMES = {
 }
 
 
-def _load_folder(root, download):
-    return _split_folder(root)
-
-
 def _load_synthetic(root, download):
     """4 classes of coloured noise, 64 train / 32 test 32-px images, fixed generation seed. For tests."""
     from PIL import Image
@@ -253,15 +249,12 @@ def _load_synthetic(root, download):
     return parts, ["red", "green", "blue", "yellow"]
 
 
-def _load_demo(root, download):
-    return demo.load_demo_dataset()
-
-
 DATASETS = {  # name -> loader(root, download) -> ([(train_samples, labels), (test_samples, labels)], classnames)
     "dtd": _load_dtd, "eurosat": _load_eurosat, "flowers102": _load_flowers,
     "fgvc_aircraft": _load_aircraft, "resisc45": _load_resisc45, "cub": _load_cub,
     **{n: _load_small_tv(n) for n in ("cifar10", "cifar100", "svhn", "fashion_mnist", "gtsrb", "fer2013")},
-    "folder": _load_folder, "synthetic": _load_synthetic, "demo": _load_demo,
+    "folder": lambda root, download: _split_folder(root), "synthetic": _load_synthetic,
+    "demo": lambda root, download: demo.load_demo_dataset(),
 }
 assert sorted(DATASETS) == cli.DATASET_NAMES, "cli.DATASET_NAMES are the --data choices: keep them in step"
 
@@ -728,8 +721,8 @@ class LLMError(Exception):
 
 
 def _chat_once(endpoint, body, timeout, max_bytes):
-    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx). Anything
-    else raises LLMError. Errors never carry the request, so never the key (`from None`, key blanked)."""
+    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx); anything
+    else raises LLMError. No error carries the request or the key (`from None`; an echoed key is blanked)."""
     import requests  # only the LLM path needs it
     key = os.environ.get("OPENAI_API_KEY")
     try:
@@ -785,14 +778,13 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
                  max_bytes=1_000_000, backoff=0.5):
     """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts.
 
-    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer choices; we return what came. `retries`
-    counts attempts in all; network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s).
-    The key comes from $OPENAI_API_KEY and is sent only when set. With cache_dir, replies are kept in
-    cache_dir/llm/<sha256 of the request>.json, so reruns are offline and deterministic.
+    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer choices. `retries` counts attempts in all;
+    network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s). The key comes from $OPENAI_API_KEY.
+    With cache_dir, replies are kept in cache_dir/llm/<sha256 of the request>.json: reruns are offline.
     """
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    cache_file = Path(cache_dir) / "llm" / f"{digest}.json" if cache_dir is not None else None
+    cache_file = None if cache_dir is None else Path(cache_dir) / "llm" / f"{digest}.json"
     if cache_file is not None and cache_file.exists():
         try:
             contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
