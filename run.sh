@@ -2,7 +2,8 @@
 # Commands for the papers' tables, and a smoke form that runs offline in minutes.
 #   bash run.sh smoke     # tiny random CLIP on generated images: checks that everything runs
 #   bash run.sh demo      # the offline demo world, 3 seeds (zero-shot, CAP, Co-Reg)
-#   bash run.sh cap       # CAP Table 1: 6 datasets x UL/SSL/TRZSL x seeds 1-3 (needs data + a GPU)
+#   bash run.sh cap       # CAP Table 1 as released (--as-released): 6 datasets x UL/SSL/TRZSL x seeds 1-3 (needs data + a GPU)
+#   bash run.sh cap-paper # the same grid with the paper's formulas (cap.py's defaults)
 #   bash run.sh coreg     # Co-Reg: its datasets x seeds 1-3 (needs data + a GPU)
 #   bash run.sh zeroshot  # the zero-shot CLIP rows
 # Extra arguments after the first go to every command, e.g. `bash run.sh cap --data-dir /data --download`.
@@ -36,15 +37,20 @@ case "$what" in
     done
     $PY tools/summarize.py runs/zeroshot
     ;;
-  cap)
+  cap|cap-paper)
+    # cap: every behaviour of the released code (docs/cap.md), which produced the paper's table; cap-paper: the
+    # paper's formulas. The release's described classes: descriptions/<data>.json, written once by
+    # `python tools/release_descriptions.py <clone of Noahwangyuchen/CAP>`; without it, detection + --llm-url decide.
+    release=""; [ "$what" = cap ] && release="--as-released"
     for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
+      desc=""; [ -f descriptions/$data.json ] && desc="--descriptions descriptions/$data.json"
       for mode in ul ssl trzsl; do
         for seed in $SEEDS; do
-          $PY cap.py --data $data --mode $mode --seed $seed --out-dir runs/cap/$data-$mode-seed$seed "$@"
+          $PY cap.py --data $data --mode $mode --seed $seed $release $desc --out-dir runs/$what/$data-$mode-seed$seed "$@"
         done
       done
     done
-    $PY tools/summarize.py runs/cap
+    $PY tools/summarize.py runs/$what --paper cap
     ;;
   coreg)
     for data in cifar10 cifar100 svhn fashion_mnist eurosat fer2013 gtsrb; do
@@ -55,5 +61,5 @@ case "$what" in
     done
     $PY tools/summarize.py runs/coreg
     ;;
-  *) echo "usage: bash run.sh smoke|demo|zeroshot|cap|coreg [extra flags]" >&2; exit 2;;
+  *) echo "usage: bash run.sh smoke|demo|zeroshot|cap|cap-paper|coreg [extra flags]" >&2; exit 2;;
 esac
