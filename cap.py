@@ -690,7 +690,9 @@ def main(argv=None):
     d["W"] = common.zero_shot_weights(model, d["tokenizer"], classnames, common.TEMPLATES_SINGLE, device).cpu()
     d["W_pl"] = d["W"] if "quirk" not in release else \
         common.zero_shot_weights(model, d["tokenizer"], classnames, [RELEASE_PROMPT], device).cpu()  # [C, D]
-    probs = (scale * d["f_train"] @ d["W_pl"].T).softmax(1)  # [N, C]
+    not_pl = torch.ones(C, dtype=torch.bool)
+    not_pl[pseudo_classes] = False  # TRZSL: seen classes; as released, the softmax covers the unseen ones only
+    probs = (scale * d["f_train"] @ d["W_pl"].T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
     zs = test_metrics((d["f_test"] @ d["W"].T).argmax(1), y_test, seen)
     learner, tokens = build_maple(model.cpu(), d["tokenizer"], classnames, args.prompt_depth)
     model, learner, tokens = model.to(device), learner.to(device), tokens.to(device)
