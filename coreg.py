@@ -31,7 +31,7 @@ TAU_PROTO = 0.3     # prototype similarity temperature
 TAU_CONT = 0.07     # contrastive temperature
 W_PROTO = 0.1       # weight_protocont
 W_CONT = 0.1        # weight_supcont_sepa
-RAMPUP = 16         # epochs of linear λ_u ramp-up after warm-up
+RAMPUP = 16         # epochs of linear λ_u ramp-up after warm-up (stepped per iteration)
 HISTORY = 5         # co-divide averages the normalised loss over this many epochs
 
 
@@ -62,6 +62,15 @@ def parse_args(argv=None):
     p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
+    p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
+                   help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
+    # ablations: each switches off one component of the method (all on in the paper)
+    p.add_argument("--da", action=argparse.BooleanOptionalAction, default=True, help="distribution alignment")
+    p.add_argument("--mixup", action=argparse.BooleanOptionalAction, default=True, help="MixUp of the views")
+    p.add_argument("--proto", action=argparse.BooleanOptionalAction, default=True, help="prototype alignment loss")
+    p.add_argument("--supcon", action=argparse.BooleanOptionalAction, default=True, help="noisy SupCon loss")
+    p.add_argument("--divide", default="co", choices=["co", "self"],
+                   help="co: each network trains on the other's division (paper); self: on its own")
     # optimisation (METHODS.md §5.2.7)
     p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
@@ -265,14 +274,16 @@ def batch_stream(idx, B, n_iter, g):
     return flat[:n_iter * b].view(n_iter, b)
 
 
-def warmup_epoch(net, opt, x_train, S, mean, std, B, g, device, quiet):
-    """One epoch of partial CE + confidence penalty on strong views, batch 2B (METHODS.md §5.2.1)."""
+def warmup_epoch(net, opt, x_train, S, pred_dist, mean, std, B, g, device, quiet):
+    """One epoch of partial CE + confidence penalty on strong views, batch 2B (METHODS.md §5.2.1).
+    Each batch's predictions are written into the DA buffer pred_dist [N, C] (in place), as in the release."""
     net.train()
     N = len(x_train)
     batches = batch_stream(torch.arange(N), 2 * B, math.ceil(N / (2 * B)), g)
     total = 0.0
     for idx in common.progress(batches, "warm-up", quiet):
         logits, _ = net(to_input(strong_augment(x_train[idx], g), mean, std, device))
+        pred_dist[idx] = logits.detach().float().softmax(1).cpu()
         loss = partial_ce(logits, S[idx].to(device)) + neg_entropy(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,9 +295,10 @@ def warmup_epoch(net, opt, x_train, S, mean, std, B, g, device, quiet):
 # -----------------------------------------------------------------------------
 # §5.2.2 Co-divide: a GMM on each network's candidate loss splits the pool into clean and noisy
 
-def distribution_alignment(p, prior):
-    """DA: p ← p · prior / mean_i p_i, rows renormalised. p [N, C], prior [C] -> [N, C]"""
-    q = p * prior / p.mean(0).clamp_min(1e-12)
+def distribution_alignment(p, pred_dist, prior):
+    """DA: p ← p · prior / mean_i pred_dist_i, rows renormalised. p [B, C]; pred_dist [N, C] is the running
+    buffer of every image's latest prediction (not this batch's mean); prior [C] -> [B, C]"""
+    q = p * prior / pred_dist.mean(0).clamp_min(1e-12)
     return q / q.sum(1, keepdim=True)
 
 
@@ -326,19 +338,41 @@ def gmm_1d(x, max_iter=10, tol=1e-2, reg_covar=5e-4):
 
 
 @torch.no_grad()
-def co_divide(net, x_train, S, history, prior, p_threshold, mean, std, device):
-    """One network's division of the pool (METHODS.md §5.2.2). -> dict(w [N], clean bool [N], s_hat [N, C]).
+def eval_pass(net, x_train, pred_dist, prior, B, g, mean, std, device, da=True):
+    """Eval-mode predictions on weak views, in order, in batches of B. With DA, each batch first overwrites its
+    rows of the buffer pred_dist [N, C] (in place) and is then aligned with the buffer's mean, so later
+    batches see more of this pass (the release's eval_train). -> p [N, C]"""
+    net.eval()
+    out = []
+    for idx in torch.arange(len(x_train)).split(B):
+        p = net(to_input(weak_augment(x_train[idx], g), mean, std, device))[0].float().softmax(1).cpu()  # [b, C]
+        if da:
+            pred_dist[idx] = p
+            p = distribution_alignment(p, pred_dist, prior)
+        out.append(p)
+    return torch.cat(out)
 
-    s_hat is this network's DA-aligned prediction restricted to S and renormalised: the *other*
-    network's co-refinement target for the clean split.
+
+def co_divide(p, S, history, p_threshold):
+    """One network's division of the pool from its (DA-aligned) predictions p [N, C] (METHODS.md §5.2.2).
+    -> dict(w [N], clean bool [N], s_hat [N, C]).
+
+    s_hat is p restricted to S and renormalised: the *other* network's co-refinement target for the clean split.
     """
-    p = distribution_alignment(predict(net, x_train, mean, std, device).softmax(1), prior)  # [N, C]
     loss = maxi_cand_loss(p, S)  # [N]
     history.append((loss - loss.min()) / (loss.max() - loss.min()).clamp_min(1e-12))  # min-max normalised
     del history[:-HISTORY]
     w, _ = gmm_1d(torch.stack(history).mean(0))  # [N]
     s_hat = p * S
     return {"w": w, "clean": w > p_threshold, "s_hat": s_hat / s_hat.sum(1, keepdim=True).clamp_min(1e-12)}
+
+
+def divide(st, x_train, S, prior, p_threshold, B, g, mean, std, device, da=True):
+    """Start of one network's co-training epoch: re-copy its key encoder from the query network (release:
+    init_key_encoder every epoch), then eval pass + co-divide. st: dict(net, key, pred_dist, loss_history)."""
+    st["key"].load_state_dict(st["net"].state_dict())
+    p = eval_pass(st["net"], x_train, st["pred_dist"], prior, B, g, mean, std, device, da)  # [N, C]
+    return co_divide(p, S, st["loss_history"], p_threshold)
 
 
 # -----------------------------------------------------------------------------
@@ -364,6 +398,12 @@ def mixup(x, t, alpha, g):
     return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
 
+def lambda_u_ramp(epoch, it, n_iter, warm_up, lambda_u, length=RAMPUP):
+    """λ_u · clip((epoch + it/n_iter − warm_up) / 16, 0, 1): DivideMix's linear ramp-up, stepped per iteration;
+    0 at the first co-training step, full weight 16 epochs later."""
+    return lambda_u * min(max((epoch + it / n_iter - warm_up) / length, 0.0), 1.0)
+
+
 def semi_loss(logits_x, t_x, logits_u, t_u):
     """DivideMix's SemiLoss: soft CE on the clean part, MSE of probabilities (mean over B·C) on the noisy part."""
     loss_x = mean_or_zero(-(t_x * logits_x.log_softmax(1)).sum(1))
@@ -376,13 +416,16 @@ def semi_loss(logits_x, t_x, logits_u, t_u):
 
 @torch.no_grad()
 def update_prototypes(protos, emb, labels, m=MOCO_M):
-    """Per-sample EMA of class prototypes, renormalised (PiCO). protos [C, 128], emb [B, 128], labels [B]."""
+    """Per-sample EMA of class prototypes, then every row renormalised once per batch (release; rows never
+    updated stay zero). protos [C, 128] (in place), emb [B, 128], labels [B]."""
     for e, c in zip(emb, labels.tolist()):
-        protos[c] = F.normalize(m * protos[c] + (1 - m) * e, dim=0)
+        protos[c] = m * protos[c] + (1 - m) * e
+    protos.copy_(F.normalize(protos, dim=1))
 
 
 def proto_loss(emb, protos, t, n_x, lambda_u):
-    """KL(t ‖ softmax(emb·protoᵀ/τ)) on the first n_x (clean) rows + λ_u · MSE on the rest (noisy)."""
+    """KL(t ‖ softmax(emb·protoᵀ/τ)) on the first n_x (clean) rows + λ_u · MSE on the rest (noisy).
+    The release passes the unramped λ_u here (the ramp applies to the MSE of SemiLoss only)."""
     logits = emb @ protos.T / TAU_PROTO  # [B, C]
     kl = F.kl_div(logits[:n_x].log_softmax(1), t[:n_x], reduction="sum") / max(n_x, 1)
     mse = mean_or_zero((logits[n_x:].softmax(1) - t[n_x:]) ** 2)
@@ -392,70 +435,78 @@ def proto_loss(emb, protos, t, n_x, lambda_u):
 # -----------------------------------------------------------------------------
 # §5.2.6 Noisy supervised contrastive learning with a MoCo queue
 
-def supcon_mask(labels_q, clean_q, labels_k, clean_k):
-    """Positives and valid pairs for the noisy SupCon loss. Queries [B], keys [K] with K >= B, where keys
-    0..B-1 are the queries' own second views. -> (pos_mask bool [B, K], valid_mask bool [B, K]).
+def supcon_mask(labels, clean, labels_queue, clean_queue):
+    """Positives and valid pairs for the noisy SupCon loss over the contrast set [q, k, queue] (release).
+    labels/clean [B] are the queries' (and their own keys'), *_queue [Q]. -> (pos bool [B, 2B+Q], valid bool [B, 2B+Q]).
 
-    positive: same pseudo-label and both clean, or the query's own key;
+    self (column i) is excluded; positive: same pseudo-label and both clean, or the query's own key (B+i);
     ignored (not valid): same label but one of the two is noisy; every other pair is a negative.
     """
-    same = labels_q[:, None] == labels_k[None, :]  # [B, K]
-    both_clean = clean_q[:, None] & clean_k[None, :]  # [B, K]
-    own = torch.zeros_like(same)
-    own[:, :len(labels_q)] = torch.eye(len(labels_q), dtype=torch.bool, device=own.device)
-    pos = (same & both_clean) | own
-    return pos, ~same | both_clean | own
+    B = len(labels)
+    labels_all, clean_all = torch.cat([labels, labels, labels_queue]), torch.cat([clean, clean, clean_queue])
+    same = labels[:, None] == labels_all[None, :]  # [B, 2B+Q]
+    both_clean = clean[:, None] & clean_all[None, :]  # [B, 2B+Q]
+    own, self_ = torch.zeros_like(same), torch.zeros_like(same)
+    own[:, B:2 * B] = torch.eye(B, dtype=torch.bool, device=own.device)
+    self_[:, :B] = torch.eye(B, dtype=torch.bool, device=own.device)
+    pos = ((same & both_clean) | own) & ~self_
+    return pos, (~same | both_clean | own) & ~self_
 
 
-def supcon_loss(q, keys, pos, valid, tau=TAU_CONT):
-    """−mean over positives of log softmax over valid keys. q [B, D], keys [K, D] -> scalar."""
-    logits = (q @ keys.T / tau).masked_fill(~valid, float("-inf"))  # [B, K]
+def supcon_loss(q, contrast, pos, valid, tau=TAU_CONT):
+    """−mean over positives of log softmax over valid contrasts. q [B, D], contrast [K, D] -> scalar."""
+    logits = (q @ contrast.T / tau).masked_fill(~valid, float("-inf"))  # [B, K]
     log_prob = logits - logits.logsumexp(1, keepdim=True)
     return (-(log_prob.masked_fill(~pos, 0).sum(1)) / pos.sum(1)).mean()
 
 
-def contrastive_loss(st, s1, s2, labels, clean):
-    """Noisy SupCon of the s1 queries against the EMA encoder's s2 keys and the queue; then enqueue the keys."""
+def contrastive_step(st, s1, s2, labels, clean, on):
+    """MoCo bookkeeping at every co-training iteration (EMA of the key encoder, enqueue its s2 keys) and, when
+    `on`, the noisy SupCon loss of the s1 queries against [q, k, queue]. -> scalar (0 when off)."""
     with torch.no_grad():
         ema_update(st["key"], st["net"])
         k = st["key"](s2)[1]  # [B', 128]
-    queue, n_q = st["queue"], st["queue"]["n"]  # only the filled part of the queue is used
-    pos, valid = supcon_mask(labels, clean, torch.cat([labels, queue["labels"][:n_q]]),
-                             torch.cat([clean, queue["clean"][:n_q]]))
-    loss = supcon_loss(st["net"](s1)[1], torch.cat([k, queue["emb"][:n_q]]), pos, valid)
-    enqueue(queue, k, labels, clean)
+    loss = torch.zeros((), device=k.device)
+    if on:
+        queue = st["queue"]
+        q = st["net"](s1)[1]  # [B', 128]
+        pos, valid = supcon_mask(labels, clean, queue["labels"], queue["clean"])
+        loss = supcon_loss(q, torch.cat([q, k, queue["emb"]]), pos, valid)  # [2B' + Q, 128] contrasts
+    enqueue(st["queue"], k, labels, clean)
     return loss
 
 
-def new_queue(size, device):
-    """Ring buffer of (embedding [Q, 128], pseudo-label [Q], clean flag [Q]); `n` entries filled so far."""
-    return {"emb": torch.zeros(size, EMB_DIM, device=device), "ptr": 0, "n": 0,
-            "labels": torch.zeros(size, dtype=torch.long, device=device),
-            "clean": torch.zeros(size, dtype=torch.bool, device=device)}
+def new_queue(size, num_classes, g, device):
+    """Ring buffer of (embedding [Q, 128], pseudo-label [Q], clean flag [Q]), random at the start and read in
+    full from the first step (MoCo/PiCO, release): random unit embeddings, labels and flags."""
+    return {"emb": F.normalize(torch.randn(size, EMB_DIM, generator=g), dim=1).to(device), "ptr": 0,
+            "labels": torch.randint(num_classes, (size,), generator=g).to(device),
+            "clean": (torch.rand(size, generator=g) < 0.5).to(device)}
 
 
 def enqueue(queue, k, labels, clean):
-    """Write a batch of keys at the pointer (ring buffer); only the filled part is ever read."""
+    """Write a batch of keys at the pointer, overwriting the oldest entries (ring buffer)."""
     size = len(queue["emb"])
     idx = (queue["ptr"] + torch.arange(len(k), device=k.device)) % size
     queue["emb"][idx], queue["labels"][idx], queue["clean"][idx] = k, labels, clean
-    queue["ptr"], queue["n"] = (queue["ptr"] + len(k)) % size, min(queue["n"] + len(k), size)
+    queue["ptr"] = (queue["ptr"] + len(k)) % size
 
 
 # -----------------------------------------------------------------------------
 # One co-training epoch of one network on the other network's division (METHODS.md §5.2.3-6)
 
-def train_epoch(st, other, div, x_train, args, epoch, B, g, mean, std, device, pl, quiet):
-    """st: this network's state dict(net, key, opt, protos, queue); div: the *other* network's co-divide."""
+def train_epoch(st, other, div, protos, x_train, args, epoch, B, g, mean, std, device, pl, quiet):
+    """st: this network's state dict(net, key, opt, queue); div: the division it trains on (the *other*
+    network's, or its own with --divide self); protos [C, 128]: the class prototypes both networks share."""
     net, n_c = st["net"], div["clean"].sum().item()
-    net.train(), other.eval()
+    net.train(), st["key"].train(), other.eval()
     idx_x, idx_u = div["clean"].nonzero().flatten(), (~div["clean"]).nonzero().flatten()
     n_iter = max(1, math.ceil(max(n_c, 1) / B))
-    lam_u = args.lambda_u * min(1.0, (epoch + 1 - args.warm_up) / RAMPUP)  # linear ramp-up
-    cont_on = epoch >= args.warm_up + args.start_cont
+    cont_on = epoch > args.warm_up + args.start_cont  # release: prototype loss and SupCon only after this epoch
     sums = dict.fromkeys(["loss", "x", "u", "proto", "cont"], 0.0)
     batches = zip(batch_stream(idx_x, B, n_iter, g), batch_stream(idx_u, B, n_iter, g))
-    for bx, bu in common.progress(list(batches), f"epoch {epoch + 1}", quiet):
+    for it, (bx, bu) in enumerate(common.progress(list(batches), f"epoch {epoch + 1}", quiet)):
+        lam_u = lambda_u_ramp(epoch, it, n_iter, args.warm_up, args.lambda_u)
         n_x, ix = len(bx), torch.cat([bx, bu])
         imgs = x_train[ix]  # uint8 [n_x + n_u, 3, H, W]
         w1, w2 = (to_input(weak_augment(imgs, g), mean, std, device) for _ in range(2))
@@ -468,23 +519,24 @@ def train_epoch(st, other, div, x_train, args, epoch, B, g, mean, std, device, p
             t = torch.cat([t_x, t_u])  # [B', C]
         s1, s2 = (to_input(strong_augment(imgs, g), mean, std, device) for _ in range(2))
         inputs = torch.cat([s1[:n_x], s2[:n_x], s1[n_x:], s2[n_x:]])  # [x_s1, x_s2, u_s1, u_s2]
-        mixed, t_mix = mixup(inputs, torch.cat([t_x, t_x, t_u, t_u]), args.alpha, g)
+        targets = torch.cat([t_x, t_x, t_u, t_u])
+        mixed, t_mix = mixup(inputs, targets, args.alpha, g) if args.mixup else (inputs, targets)
         logits, emb = net(mixed)
         loss_x, loss_u = semi_loss(logits[:2 * n_x], t_mix[:2 * n_x], logits[2 * n_x:], t_mix[2 * n_x:])
-        loss_p = proto_loss(emb, st["protos"], t_mix, 2 * n_x, lam_u)
-        loss = loss_x + lam_u * loss_u + W_PROTO * loss_p
-        loss_c = torch.zeros((), device=device)
-        if cont_on:
-            clean = torch.arange(len(ix), device=device) < n_x  # [B'] clean flags
-            loss_c = contrastive_loss(st, s1, s2, t.argmax(1), clean)
-            loss = loss + W_CONT * loss_c
+        loss = loss_x + lam_u * loss_u
+        update_prototypes(protos, e1[:n_x], t_x.argmax(1))  # weak-view embeddings of the clean split
+        loss_p = W_PROTO * proto_loss(emb, protos, t_mix, 2 * n_x, args.lambda_u) if cont_on and args.proto \
+            else torch.zeros((), device=device)
+        clean = torch.arange(len(ix), device=device) < n_x  # [B'] clean flags
+        loss_c = W_CONT * contrastive_step(st, s1, s2, t.argmax(1), clean, cont_on and args.supcon)
+        loss = loss + loss_p + loss_c
         st["opt"].zero_grad(set_to_none=True)
         loss.backward()
         st["opt"].step()
-        update_prototypes(st["protos"], e1[:n_x], t_x.argmax(1))  # weak-view embeddings of clean samples
         pl[ix] = t.argmax(1).cpu()  # current targets, for the pl-acc report only
-        for key, v in zip(sums, (loss, loss_x, lam_u * loss_u, W_PROTO * loss_p, W_CONT * loss_c)):
+        for key, v in zip(sums, (loss, loss_x, lam_u * loss_u, loss_p, loss_c)):
             sums[key] += v.item() / n_iter
+    sums["lambda_u"] = lam_u
     return sums
 
 
@@ -539,30 +591,29 @@ def main(argv=None):
         net = build_net(args.arch, C, 1000 * args.seed + k, device)
         states.append({"net": net, "key": copy.deepcopy(net).requires_grad_(False),
                        "opt": torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4),
-                       "protos": torch.zeros(C, EMB_DIM, device=device), "queue": new_queue(args.queue_size, device),
-                       "loss_history": []})
-    prior = torch.full((C,), 1.0 / C)  # --uniform_prior 1 (released default)
+                       "queue": new_queue(args.queue_size, C, g, device), "loss_history": [],
+                       "pred_dist": torch.full((N, C), 1.0 / C)})  # DA buffer: each image's latest prediction
+    protos = torch.zeros(C, EMB_DIM, device=device)  # one set of prototypes for both networks (release)
+    # DA target: uniform (--uniform_prior 1, released default) or the mean CLIP annotation over templates and images
+    prior = torch.full((C,), 1.0 / C) if args.prior == "uniform" else probs.mean((0, 1))  # [C]
     history, clean_frac = [], None
     for epoch in range(args.epochs):
         t0 = time.time()
         for st in states:
             for group in st["opt"].param_groups:
                 group["lr"] = cosine_lr(epoch, args.lr, args.cosine_epochs or args.epochs)
-        if epoch == args.warm_up + args.start_cont:  # MoCo starts: key encoder = a copy of the query encoder
-            for st in states:
-                st["key"].load_state_dict(st["net"].state_dict())
         if epoch < args.warm_up:  # §5.2.1 warm-up
-            losses = [{"loss": warmup_epoch(st["net"], st["opt"], x_train, S, mean, std, B, g, device, quiet)}
-                      for st in states]
+            losses = [{"loss": warmup_epoch(st["net"], st["opt"], x_train, S, st["pred_dist"], mean, std, B, g,
+                                            device, quiet)} for st in states]
         else:  # §5.2.2 co-divide, then each network trains on the other's division
-            divs = [co_divide(st["net"], x_train, S, st["loss_history"], prior, args.p_threshold, mean, std, device)
+            divs = [divide(st, x_train, S, prior, args.p_threshold, B, g, mean, std, device, args.da)
                     for st in states]
-            losses = [train_epoch(states[k], states[1 - k]["net"], divs[1 - k], x_train, args, epoch, B, g,
-                                  mean, std, device, pl, quiet) for k in range(2)]
+            losses = [train_epoch(states[k], states[1 - k]["net"], divs[1 - k if args.divide == "co" else k], protos,
+                                  x_train, args, epoch, B, g, mean, std, device, pl, quiet) for k in range(2)]
             clean_frac = sum(dv["clean"].float().mean().item() for dv in divs) / 2
         logits = [predict(st["net"], x_test, mean, std, device) for st in states]  # [M, C] each
         accs = [common.accuracy(lg.argmax(1), y_test) for lg in (*logits, logits[0] + logits[1])]
-        row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont")}
+        row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont", "lambda_u")}
         row.update(epoch=epoch + 1, clean=clean_frac, pl_acc=common.accuracy(pl, y_train), acc=accs[2],
                    time_s=round(time.time() - t0, 2))
         history.append(row)
@@ -573,14 +624,17 @@ def main(argv=None):
 
     # §5.2.8 inference: summed logits of both networks; the projection heads are not deployed
     deployed = sum(p.numel() for st in states for n, p in st["net"].named_parameters() if not n.startswith("head"))
-    metrics = {"test_acc": accs[2], "test_acc_net1": accs[0], "test_acc_net2": accs[1],
+    per_class = common.per_class_accuracy((logits[0] + logits[1]).argmax(1), y_test, C)  # [C]
+    warm = history[min(args.warm_up, args.epochs) - 1]["acc"] if args.warm_up > 0 else None
+    metrics = {"test_acc": accs[2], "test_acc_net1": accs[0], "test_acc_net2": accs[1], "acc_after_warmup": warm,
                "pseudolabel_acc": common.accuracy(pl, y_train), "clean_frac": clean_frac, **ann,
                "params_deployed": deployed, "params_clip_image": clip_params}
     out_dir = args.out_dir or f"runs/coreg-{args.data}-seed{args.seed}"
     common.save_atomic({f"net{k + 1}": st["net"].state_dict() for k, st in enumerate(states)},
                        f"{out_dir}/coreg_nets.pt")
     path = common.write_results(out_dir, config, metrics, start, extra={
-        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "history": history})
+        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "history": history,
+        "per_class_test_acc": {name: round(a, 4) for name, a in zip(classnames, per_class.tolist())}})
     print(f"co-reg | test acc {100 * accs[2]:.2f} (net1 {100 * accs[0]:.2f}, net2 {100 * accs[1]:.2f}) | "
           f"noisy CLIP-label acc {100 * ann['noisy_label_acc']:.2f} | zero-shot {100 * ann['zeroshot_test_acc']:.2f} | "
           f"params {deployed / 1e6:.2f} M vs CLIP image encoder {clip_params / 1e6:.2f} M | {path}")

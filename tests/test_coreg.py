@@ -63,15 +63,51 @@ def test_maxi_cand_loss_uses_the_best_candidate():
     assert coreg.maxi_cand_loss(p, S).item() == pytest.approx(-math.log(0.3))
 
 
-def test_distribution_alignment_keeps_rows_summing_to_one():
-    p = torch.tensor([[.9, .1], [.5, .5]])  # mean [.7, .3]
-    q = coreg.distribution_alignment(p, torch.tensor([.5, .5]))
+def test_distribution_alignment_divides_by_the_buffer_mean_not_the_batch_mean():
+    p = torch.tensor([[.9, .1]])
+    buffer = torch.tensor([[.9, .1], [.5, .5]])  # mean [.7, .3]
+    q = coreg.distribution_alignment(p, buffer, torch.tensor([.5, .5]))
     a, b = .9 / .7, .1 / .3
     assert torch.allclose(q[0], torch.tensor([a / (a + b), b / (a + b)]))
-    assert torch.allclose(q.sum(1), torch.ones(2))
     r = coreg.distribution_alignment(torch.rand(50, 7, generator=torch.Generator().manual_seed(0)).softmax(1),
-                                     torch.full((7,), 1 / 7))
+                                     torch.full((9, 7), 1 / 7), torch.full((7,), 1 / 7))
     assert torch.allclose(r.sum(1), torch.ones(50))
+
+
+class PixelNet(torch.nn.Module):
+    """Test network: logits [pixel, 0] read from one pixel of channel 0 (a constant image keeps its centre
+    pixel under a ±1-px crop; its corner pixel becomes 0 when the crop shows the zero padding)."""
+
+    def __init__(self, row, col):
+        super().__init__()
+        self.row, self.col = row, col
+
+    def forward(self, x):
+        v = x[:, 0, self.row, self.col]  # [B]
+        return torch.stack([v, torch.zeros_like(v)], 1), None
+
+
+def test_eval_pass_updates_the_da_buffer_batch_by_batch():
+    x = torch.tensor([0, 255, 255, 0], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    p_raw = torch.stack([torch.tensor([v, 0.]).softmax(0) for v in (0., 1., 1., 0.)])  # [4, 2]
+    buffer, prior = torch.full((4, 2), 0.5), torch.tensor([.5, .5])
+    p = coreg.eval_pass(PixelNet(4, 4), x, buffer, prior, 2, torch.Generator().manual_seed(0), mean, std, "cpu")
+    first = torch.cat([p_raw[:2], torch.full((2, 2), 0.5)])  # batch 1 sees the old rows 2-3 in the buffer
+    assert torch.allclose(p[:2], coreg.distribution_alignment(p_raw[:2], first, prior), atol=1e-6)
+    assert torch.allclose(p[2:], coreg.distribution_alignment(p_raw[2:], p_raw, prior), atol=1e-6)
+    assert torch.allclose(buffer, p_raw)
+    off = coreg.eval_pass(PixelNet(4, 4), x, buffer.clone(), prior, 2, torch.Generator(), mean, std, "cpu", da=False)
+    assert torch.allclose(off, p_raw)
+
+
+def test_eval_pass_sees_weak_views():
+    x = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    p = coreg.eval_pass(PixelNet(0, 0), x, torch.full((64, 2), .5), torch.tensor([.5, .5]), 64,
+                        torch.Generator().manual_seed(0), mean, std, "cpu", da=False)
+    corner_is_padding = p[:, 0] < 0.6  # softmax([0, 0]) = 0.5 where the crop put zero padding in the corner
+    assert 0 < corner_is_padding.sum() < 64
 
 
 def test_sharpen_hand_value_and_identity_at_t_one():
@@ -95,6 +131,13 @@ def test_mixup_targets_sum_to_one_and_stay_nearer_their_own_sample():
     assert (tm[t.bool()] >= 0.5 - 1e-6).all()  # λ = max(λ, 1 − λ) on the own label
     xm2, tm2 = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
     assert torch.equal(xm, xm2) and torch.equal(tm, tm2)
+
+
+def test_lambda_u_ramp_is_stepped_per_iteration_from_zero():
+    assert coreg.lambda_u_ramp(10, 0, 40, 10, 1.0) == 0.0  # first co-training step
+    assert coreg.lambda_u_ramp(10, 20, 40, 10, 1.0) == pytest.approx(0.5 / 16)
+    assert coreg.lambda_u_ramp(13, 10, 40, 10, 2.0) == pytest.approx(2 * 3.25 / 16)
+    assert coreg.lambda_u_ramp(26, 0, 40, 10, 1.0) == 1.0 and coreg.lambda_u_ramp(5, 0, 40, 10, 1.0) == 0.0
 
 
 def test_semi_loss_is_zero_for_an_empty_noisy_split():
@@ -123,44 +166,66 @@ def test_gmm_on_constant_losses_stays_finite():
 # Prototypes and noisy supervised contrastive learning
 
 
-def test_supcon_mask_ignores_same_label_pairs_with_a_noisy_sample():
-    labels_q, clean_q = torch.tensor([0, 0, 1]), torch.tensor([True, False, True])
-    # keys: the 3 queries' own views, then a queue of 3 entries
-    labels_k = torch.cat([labels_q, torch.tensor([0, 1, 0])])
-    clean_k = torch.cat([clean_q, torch.tensor([True, True, False])])
-    pos, valid = coreg.supcon_mask(labels_q, clean_q, labels_k, clean_k)
+def test_supcon_mask_over_queries_keys_and_queue_excludes_self():
+    labels, clean = torch.tensor([0, 0, 1]), torch.tensor([True, False, True])
+    pos, valid = coreg.supcon_mask(labels, clean, torch.tensor([0, 1]), torch.tensor([True, False]))
     T, F_ = True, False
-    assert pos.tolist() == [[T, F_, F_, T, F_, F_],   # clean 0: own key + clean queue 0
-                            [F_, T, F_, F_, F_, F_],  # noisy 0: own key only
-                            [F_, F_, T, F_, T, F_]]   # clean 1: own key + clean queue 1
-    assert valid.tolist() == [[T, F_, T, T, T, F_],   # same label with a noisy key: ignored
-                              [F_, T, T, F_, T, F_],  # noisy anchor: every same-label pair ignored
-                              [T, T, T, T, T, T]]
+    # columns: q0 q1 q2 | k0 k1 k2 | queue0 (label 0, clean) queue1 (label 1, noisy)
+    assert pos.tolist() == [[F_, F_, F_, T, F_, F_, T, F_],   # clean 0: own key + clean queue 0
+                            [F_, F_, F_, F_, T, F_, F_, F_],  # noisy 0: own key only
+                            [F_, F_, F_, F_, F_, T, F_, F_]]  # clean 1: own key (queue 1 is noisy)
+    assert valid.tolist() == [[F_, F_, T, T, F_, T, T, T],    # self out; same label with a noisy one: ignored
+                              [F_, F_, T, F_, T, T, F_, T],   # noisy anchor: every same-label pair ignored
+                              [T, T, F_, T, T, T, T, F_]]
     assert not (pos & ~valid).any()
 
 
-def test_supcon_loss_with_orthogonal_keys_hand_value():
-    q = torch.eye(4)[:2]  # anchors e0, e1
-    keys = torch.eye(4)  # own keys e0, e1, plus two orthogonal queue keys
+def test_supcon_loss_with_orthogonal_contrasts_hand_value():
+    q = torch.eye(4)[:2]  # anchors e0, e1; their keys are the same vectors; queue: e2, e3
+    contrast = torch.cat([q, q, torch.eye(4)[2:]])  # [q, k, queue]: 6 rows
     pos, valid = coreg.supcon_mask(torch.tensor([0, 1]), torch.tensor([True, True]),
-                                   torch.tensor([0, 1, 2, 3]), torch.ones(4, dtype=torch.bool))
-    expected = -math.log(math.e / (math.e + 3))  # at τ = 1: e^1 for the own key, e^0 for 3 others
-    assert coreg.supcon_loss(q, keys, pos, valid, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
+                                   torch.tensor([2, 3]), torch.ones(2, dtype=torch.bool))
+    expected = -math.log(math.e / (math.e + 4))  # at τ = 1: e^1 for the own key, e^0 for 4 others (self left out)
+    assert coreg.supcon_loss(q, contrast, pos, valid, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_prototypes_move_towards_embeddings_and_stay_normalised():
+def test_prototypes_ema_per_sample_then_renormalised_once_per_batch():
     protos = torch.zeros(2, 3)
     coreg.update_prototypes(protos, torch.tensor([[1., 0., 0.], [0., 1., 0.]]), torch.tensor([1, 1]), m=0.5)
-    assert protos[0].abs().sum() == 0
-    assert torch.allclose(protos[1].norm(), torch.tensor(1.)) and protos[1, 1] > 0 and protos[1, 0] > 0
+    assert protos[0].abs().sum() == 0  # never updated: stays zero
+    assert torch.allclose(protos[1], torch.tensor([1., 2., 0.]) / math.sqrt(5))  # .5·(.5·e0) + .5·e1, normalised
 
 
-def test_queue_is_a_ring_buffer():
-    q = coreg.new_queue(4, "cpu")
+def test_queue_starts_random_and_is_a_ring_buffer():
+    q = coreg.new_queue(4, 3, torch.Generator().manual_seed(0), "cpu")
+    assert torch.allclose(q["emb"].norm(dim=1), torch.ones(4)) and q["labels"].max() < 3
     for i in range(3):
         coreg.enqueue(q, torch.full((2, coreg.EMB_DIM), float(i)), torch.full((2,), i), torch.ones(2, dtype=torch.bool))
-    assert q["n"] == 4 and q["ptr"] == 2
-    assert q["labels"].tolist() == [2, 2, 1, 1]
+    assert q["ptr"] == 2 and q["labels"].tolist() == [2, 2, 1, 1]
+
+
+def test_contrastive_step_updates_key_encoder_and_queue_even_when_the_loss_is_off():
+    net = coreg.build_net("narrow", 3, 0, "cpu")
+    key = coreg.build_net("narrow", 3, 1, "cpu").requires_grad_(False)
+    k0, q0 = next(key.parameters()).clone(), next(net.parameters()).clone()
+    st = {"net": net, "key": key, "queue": coreg.new_queue(8, 3, torch.Generator().manual_seed(0), "cpu")}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels, clean = torch.tensor([0, 1, 2, 0]), torch.tensor([True, True, False, False])
+    loss = coreg.contrastive_step(st, x, x, labels, clean, on=False)
+    assert loss.item() == 0.0 and st["queue"]["ptr"] == 4 and st["queue"]["labels"][:4].tolist() == [0, 1, 2, 0]
+    assert torch.allclose(next(key.parameters()), coreg.MOCO_M * k0 + (1 - coreg.MOCO_M) * q0)
+    assert coreg.contrastive_step(st, x, x, labels, clean, on=True).item() > 0 and st["queue"]["ptr"] == 0
+
+
+def test_divide_recopies_the_key_encoder_and_extends_the_loss_history():
+    net, key = coreg.build_net("narrow", 3, 0, "cpu"), coreg.build_net("narrow", 3, 1, "cpu")
+    st = {"net": net, "key": key, "loss_history": [], "pred_dist": torch.full((6, 3), 1 / 3)}
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    S = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]).bool()
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    div = coreg.divide(st, x, S, torch.full((3,), 1 / 3), 0.5, 4, torch.Generator(), mean, std, "cpu", True)
+    assert all(torch.equal(a, b) for a, b in zip(key.state_dict().values(), net.state_dict().values()))
+    assert len(st["loss_history"]) == 1 and div["w"].shape == (6,) and div["s_hat"].shape == (6, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +262,7 @@ def test_cosine_lr_runs_from_lr_to_a_thousandth():
 # End to end (CPU, synthetic data, random tiny CLIP)
 
 SMOKE = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--arch", "narrow",
-         "--epochs", "3", "--warm-up", "1", "--start-cont", "1", "--quiet"]
+         "--epochs", "3", "--warm-up", "1", "--start-cont", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +288,11 @@ def test_smoke_run_writes_results_and_networks(smoke):
     assert 1.0 <= m["cand_size"] <= 4.0 and m["params_deployed"] > 0 and m["params_clip_image"] > 0
     res = json.loads((tmp / "a" / "results.json").read_text())
     assert res["metrics"]["test_acc"] == m["test_acc"] and len(res["history"]) == 3
-    warm, co, cont = res["history"]  # epoch 1 warm-up, epoch 2 co-training, epoch 3 + contrastive
-    assert warm["clean"] is None and co["x"] > 0 and co["cont"] == 0 and cont["cont"] > 0
+    warm, co, cont = res["history"]  # epoch 1 warm-up, epoch 2 co-training, epoch 3 + prototypes and SupCon
+    assert warm["clean"] is None and co["x"] > 0 and co["cont"] == co["proto"] == 0 and cont["cont"] > 0
+    assert cont["proto"] > 0  # released rule: both start once epoch (0-based) > warm_up + start_cont
+    assert 0 <= co["lambda_u"] < 1 / 16 <= cont["lambda_u"] < 2 / 16  # ramped per iteration from 0
+    assert res["metrics"]["acc_after_warmup"] == warm["acc"] and len(res["per_class_test_acc"]) == 4
     nets = torch.load(tmp / "a" / "coreg_nets.pt", weights_only=True)
     net = coreg.build_net("narrow", 4, 0, "cpu")
     net.load_state_dict(nets["net2"])
