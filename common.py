@@ -441,8 +441,8 @@ def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
             weights_only=not (tag and os.path.isfile(tag) and _is_torchscript(tag)))  # TorchScript: torch.jit.load
     except Exception as e:
         if tag and os.path.isfile(tag):  # e.g. random bytes: torch's own advice (weights_only=False) is wrong here
-            raise UserError(f"cannot load weights file {tag} for {name}: not a checkpoint open_clip can read "
-                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+            raise UserError(f"cannot load weights file {tag} for {name} ({type(e).__name__}): not an open_clip/OpenAI "
+                            f"checkpoint or state_dict, or one of another model (check --clip-model)") from None
         if isinstance(e, RuntimeError) and ("download" in str(e).lower() or "connect" in str(e).lower()):
             raise UserError(f"could not download CLIP weights '{tag}' for {name} (offline?); "
                             f"pass --pretrained <local weights file>") from None
