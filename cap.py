@@ -11,8 +11,11 @@ CLIP's zero-shot pseudolabels are imbalanced for two reasons, and CAP treats eac
   §3.3 MaPLe prompt tuning with three residual adapters: the main visual adapter learns from the
        high-precision pseudolabels D_PL, the pseudo adapter from FixMatch-style pseudolabels on
        the unlabeled pool, a text adapter from both; all adapters are off at inference.
+The defaults are the paper's formulas; --as-released switches to the released code's behaviour wherever the
+two differ (RELEASE_BEHAVIOURS, measured one by one in docs/cap.md).
 
     python cap.py --data dtd --mode ul
+    python cap.py --data dtd --mode ul --as-released --descriptions descriptions/dtd.json
     python cap.py --data eurosat --mode trzsl --llm-url http://localhost:11434 --llm-model llama3.1
     python cap.py --data demo --mode ul          # offline demo world, CPU, a few minutes
 """
