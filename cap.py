@@ -164,44 +164,125 @@ def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
 def match_log_odds(logits):
     """log P/(1−P) of P = softmax over clusters (dim 1) of logits [R, R]. Ranks pairs exactly as P does,
     but stays finite where P rounds to 1.0 in floating point (common at CLIP's scale 100)."""
-    R = logits.shape[1]
-    diff = logits[:, None, :] - logits[:, :, None]  # [R, j, k] = z_ik − z_ij
-    diff = diff.masked_fill(torch.eye(R, dtype=torch.bool, device=logits.device), float("-inf"))  # k ≠ j
-    return -diff.logsumexp(-1)  # [R, R]
+    lse = logits.logsumexp(1, keepdim=True)  # [R, 1]
+    log_p = logits - lse  # [R, R] log P
+    # log(1 − P): off each row's top entry P ≤ 1/2, so log1p(−P) is exact; at the top entry 1 − P is the sum
+    # of the other entries, taken directly (no [R, R, R] tensor: R = 1,000 classes would need 4 GB)
+    top = logits.argmax(1, keepdim=True)  # [R, 1]
+    log_rest = torch.log1p(-log_p.exp())  # [R, R]
+    log_rest.scatter_(1, top, logits.scatter(1, top, float("-inf")).logsumexp(1, keepdim=True) - lse)
+    return log_p - log_rest  # [R, R]
 
 
-def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, intersect_low_t=True):
+def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, intersect_low_t=True,
+                    fast=False):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
 
-    image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels.
-    Returns (Y_MM = Y_final ∩ Y_low-t as a list of class ids, leftover cluster centres [|Y_final|, D]).
+    image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels, on any device.
+    Returns (Y_MM = Y_final ∩ Y_low-t as a list of class ids, leftover cluster centres [|Y_final|, D]);
+    intersect_low_t=False returns Y_final itself, as the released notebook does.
     K-Means keeps the best of n_init seedings (the release used scikit-learn's 10; 20 made the removal order
     stable over K-Means seeds on the demo world, where 10 failed for 1 seed in 3).
+    fast=True: the paper's loop with each clustering warm-started from the previous one (_removal_loop_fast);
+    fast=False: every clustering from scratch, as the paper and the release do.
     scale is CLIP's logit scale: the paper's 100 is the learned value of OpenAI's CLIP.
     """
     N, C = len(image_features), len(text_features)
     avg_size = N // C
-    classes, images = list(range(C)), torch.arange(N)
+    if fast:
+        classes, images = _removal_loop_fast(image_features, text_features, t, seed, n_init, scale)
+    else:
+        classes, images = list(range(C)), torch.arange(N, device=image_features.device)
     while len(classes) > t and len(images) >= len(classes):
-        R = len(classes)
-        centres, assign, _ = common.kmeans(image_features[images], R, seed=seed, spherical=True, n_init=n_init)
+        R, f = len(classes), image_features[images]  # f [n, D]
+        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
         odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
-        # images zero-shot predicts as i* (among remaining classes): those in cluster j* first, ≤ avg_size
-        predicted_i = (image_features[images] @ text_features[classes].T).argmax(1) == i  # [n]
-        in_j = predicted_i & (assign == j)
-        order = torch.cat([in_j.nonzero().flatten(), (predicted_i & ~in_j).nonzero().flatten()])
-        used = torch.zeros(len(images), dtype=torch.bool)
+        # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
+        # (log-softmax ranks as its softmax does, without ties where P rounds to 1); cluster j* first, ≤ avg_size
+        conf, pred = (scale * f @ text_features[classes].T).log_softmax(1).max(1)  # [n], [n]
+        ranked = (pred == i).nonzero().flatten()  # [m]
+        ranked = ranked[conf[ranked].argsort(descending=True, stable=True)]
+        in_j = assign[ranked] == j  # [m]
+        order = torch.cat([ranked[in_j], ranked[~in_j]])
+        used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
         used[order[:avg_size]] = True
         images, classes = images[~used], classes[:i] + classes[i + 1:]
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
     centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
-    if not intersect_low_t:  # the released notebook stops here: Y_MM = Y_final
+    if not intersect_low_t:
         return classes, centres
     counts = torch.bincount(zs_pred, minlength=C)  # [C]
     low_t = set(counts.argsort(stable=True)[:t].tolist())  # the t least-predicted classes (Y_low-t)
     return [c for c in classes if c in low_t], centres
+
+
+def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
+    """detect_mismatch's loop, fast: one K-Means from scratch, then each next clustering starts from the previous
+    centres minus the removed one. When one class's images leave a converged clustering, few points change
+    cluster, so Lloyd runs on what changed: image-centre cosines S and zero-shot logits Z are kept for every
+    image and only the columns of moved centres are recomputed. Lloyd still runs to convergence (same fixed-point
+    test as a full pass). f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
+    N, C, dev = len(f), len(W), f.device
+    avg_size = N // C
+    c, assign, _ = common.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
+    S = f @ c.T  # [N, C] cosines (unit centres: the largest is the nearest centre)
+    Z = scale * f @ W.T  # [N, C] zero-shot logits; a removed class's column becomes −inf
+    sums = torch.zeros_like(c).index_add_(0, assign, f)  # [C, D] cluster sums, kept up to date
+    counts = torch.bincount(assign, minlength=C)  # [C]
+    alive = torch.ones(N, dtype=torch.bool, device=dev)  # images still in the pool
+    clusters, classes, pred = list(range(C)), list(range(C)), Z.argmax(1)  # pred [N] among remaining classes
+    while len(classes) > t and int(alive.sum()) >= len(classes):
+        odds = match_log_odds(scale * W[classes] @ c[clusters].T)  # [R, R]
+        i, j = divmod(odds.argmax().item(), len(classes))
+        ci, cj = classes.pop(i), clusters.pop(j)
+        ranked = (alive & (pred == ci)).nonzero().flatten()  # [m] images predicted i*, most confident first
+        conf = Z[ranked, ci] - Z[ranked].logsumexp(1)  # [m] log-softmax over the remaining classes
+        ranked = ranked[conf.argsort(descending=True, stable=True)]
+        in_j = assign[ranked] == cj
+        used = torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]  # [≤ avg_size]
+        alive[used] = False
+        sums.index_add_(0, assign[used], f[used], alpha=-1)
+        counts -= torch.bincount(assign[used], minlength=C)
+        Z[:, ci] = float("-inf")  # class i* leaves: re-predict the images that predicted it
+        redo = (alive & (pred == ci)).nonzero().flatten()
+        pred[redo] = Z[redo].argmax(1)
+        S[:, cj] = float("-inf")  # cluster j* leaves: its images go to their next-nearest centre
+        orphans = (alive & (assign == cj)).nonzero().flatten()
+        to = S[orphans].argmax(1)  # [o]
+        sums[cj], counts[cj] = 0, 0
+        sums.index_add_(0, to, f[orphans])
+        counts += torch.bincount(to, minlength=C)
+        assign[orphans] = to
+        changed = torch.cat([assign[used], to]).unique()
+        _warm_lloyd(f, alive, c, S, assign, sums, counts, changed[changed != cj], max_iter)
+    return classes, alive.nonzero().flatten()
+
+
+def _warm_lloyd(f, alive, c, S, assign, sums, counts, changed, max_iter):
+    """Spherical Lloyd from a warm start, in place, touching only what moved. changed [M]: clusters whose
+    members changed. A point can change cluster only if its own centre moved or a moved centre now beats it."""
+    for _ in range(max_iter):
+        if not len(changed):
+            return
+        c[changed] = F.normalize(sums[changed], dim=1)  # [M, D]
+        empty = changed[counts[changed] == 0]  # explicit empty-cluster handling: the farthest image
+        if len(empty):
+            own = S.gather(1, assign[:, None])[:, 0].masked_fill(~alive, float("inf"))  # [N]
+            c[empty] = f[own.topk(len(empty), largest=False).indices]
+        S[:, changed] = f @ c[changed].T  # [N, M]
+        own = S.gather(1, assign[:, None])[:, 0]  # [N] cosine to the current centre
+        rows = (alive & (torch.isin(assign, changed) | (S[:, changed].max(1).values > own))).nonzero().flatten()
+        new = S[rows].argmax(1)  # [r]
+        moved, new = rows[new != assign[rows]], new[new != assign[rows]]
+        if not len(moved):
+            return
+        old = assign[moved]
+        sums.index_add_(0, old, f[moved], alpha=-1).index_add_(0, new, f[moved])
+        counts.sub_(torch.bincount(old, minlength=len(c))).add_(torch.bincount(new, minlength=len(c)))
+        assign[moved] = new
+        changed = torch.cat([old, new]).unique()  # a removed cluster never wins an argmax: never in here
 
 
 # -----------------------------------------------------------------------------

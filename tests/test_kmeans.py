@@ -107,23 +107,54 @@ def test_empty_cluster_is_reseeded_at_the_farthest_point_not_the_origin():
     c = torch.tensor([[1.5], [-100.0]])  # cluster 1 gets no point
     assign = torch.tensor([0, 0, 0])
     dist = ((x - c[assign]) ** 2).sum(1)  # [3]; the point at 10 is farthest
-    new = common._update_centroids(x, assign, dist, c, spherical=False)
+    sums, counts = torch.tensor([[13.0], [0.0]]), torch.tensor([3, 0])
+    new = common._update_centroids(x, sums, counts, dist, c, spherical=False)
     assert new.flatten().tolist() == pytest.approx([13 / 3, 10.0])
 
 
-def test_kmeans_pp_draws_in_proportion_to_squared_distance():
+def test_plain_kmeans_pp_draws_in_proportion_to_squared_distance():
     # Points 0, 1, 3. When the first centre is 0, the second is 1 with P = 1/(1+9) = 0.1 under
     # squared-distance sampling, but P = 1/(1+3) = 0.25 under plain-distance sampling.
     x = torch.tensor([[0.0], [1.0], [3.0]])
     x_sq = (x * x).sum(1)
     seconds = []
     for seed in range(900):
-        c = common._kmeans_pp(x, x_sq, 2, torch.Generator().manual_seed(seed))
+        c = common._kmeans_pp(x, x_sq, 2, torch.Generator().manual_seed(seed), n_trials=1)
         if c[0, 0] == 0:
             seconds.append(c[1, 0].item())
     assert len(seconds) > 200
     assert 0.0 not in seconds  # never the same point twice
     assert 0.05 < seconds.count(1.0) / len(seconds) < 0.16
+
+
+def test_greedy_kmeans_pp_puts_one_centre_in_each_well_separated_blob():
+    # plain k-means++ often puts two centres in one blob and none in another; greedy (best of 2 + ln k draws)
+    # nearly never does, which is most of why scikit-learn's inertia was lower than ours
+    g = torch.Generator().manual_seed(0)
+    centres = 30 * torch.randn(20, 16, generator=g)  # [20, 16], far apart
+    x, y = blobs(30, centres, 1.0)
+    x_sq = (x * x).sum(1)
+    misses = {}
+    for trials in (1, None):
+        misses[trials] = 0
+        for seed in range(20):
+            c = common._kmeans_pp(x, x_sq, 20, torch.Generator().manual_seed(seed), n_trials=trials)
+            misses[trials] += 20 - len(set(torch.cdist(c, centres).argmin(1).tolist()))  # blobs left without a centre
+    assert misses[None] == 0 and misses[1] > 0, misses
+
+
+def test_kmeans_warm_started_from_a_converged_solution_stays_there():
+    x = overlapping_data(seed=3)
+    c, assign, hist = common.kmeans(x, 12, n_iter=100, tol=0.0, seed=0)
+    c2, assign2, hist2 = common.kmeans(x, 12, n_iter=100, tol=0.0, init=c)
+    assert torch.equal(assign, assign2) and len(hist2) == 2 and hist2[-1] == pytest.approx(hist[-1], rel=1e-6)
+
+
+def test_kmeans_seeded_on_a_subset_still_recovers_the_blobs():
+    centres = 20 * torch.eye(6, 8)
+    x, y = blobs(50, centres, 1.0)
+    _, assign, _ = common.kmeans(x, 6, seed=0, seed_rows=60)  # seeding sees 60 of 300 rows
+    assert same_partition(assign, y)
 
 
 def test_kmeans_same_seed_same_output_and_seed_changes_it():
@@ -159,3 +190,102 @@ def test_kmeans_stops_early_once_assignments_stop_changing():
     x, _ = blobs(20, centres, 0.5)
     _, _, hist = common.kmeans(x, 3, n_iter=100, tol=0.0, seed=0)
     assert len(hist) < 10
+
+
+# CAP §3.1 mismatch detection, against an independent re-implementation of the released notebook loop -----
+
+def notebook_loop(feats, text, t, scale, cluster):
+    """The release's removal loop, written as the notebook writes it (lists, a per-class leaderboard sorted by
+    confidence), stopped at t classes (the paper's rule). -> (Y_final, remaining image ids)"""
+    remaining, classes = list(range(len(feats))), list(range(len(text)))
+    avg_size = int(len(feats) / len(text))
+    while len(classes) > t:
+        f = feats[remaining]
+        centres, labels, _ = cluster(f, len(classes))
+        centres = F.normalize(centres, dim=1)
+        probs_c = (scale * text[classes] @ centres.T).softmax(1)  # [R, R]
+        best = probs_c.max()
+        ci = next(r for r in range(len(classes)) if probs_c[r].max() == best)
+        cj = probs_c[ci].argmax().item()
+        probs_i = (scale * f @ text[classes].T).softmax(1)  # [n, R]
+        board = sorted(((p.max().item(), n) for n, p in enumerate(probs_i) if p.argmax().item() == ci), reverse=True)
+        used, kept = set(), 0
+        for _, n in board:
+            if labels[n] == cj and kept < avg_size:
+                kept += 1
+                used.add(remaining[n])
+        for _, n in board:
+            if remaining[n] not in used and len(used) < avg_size:
+                used.add(remaining[n])
+        remaining = [r for r in remaining if r not in used]
+        classes.pop(ci)
+    return classes, remaining
+
+
+def sorted_pool_world(seed, C=8, d=24):
+    """Images stored class by class (as torchvision pools are), unequal class sizes, text near each class
+    mean, so zero-shot confidence varies within a class and the removal order matters."""
+    g = torch.Generator().manual_seed(seed)
+    means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]
+    sizes = torch.randint(25, 70, (C,), generator=g)  # [C]
+    y = torch.arange(C).repeat_interleave(sizes)  # [N], sorted by class
+    feats = F.normalize(means[y] + 0.25 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D]
+    text = F.normalize(means + 0.3 * torch.randn(C, d, generator=g), dim=1)  # [C, D]
+    return feats, text
+
+
+def test_mismatch_removal_follows_the_notebook_confidence_order_on_class_sorted_pools(monkeypatch):
+    """Issue 14.3: the release removes the images predicted i* most confident first; index order (what a
+    class-sorted pool gives) removes other images and changes the leftover clusters."""
+    import cap
+    real_kmeans = common.kmeans
+    cluster = lambda x, k, **kw: real_kmeans(x, k, seed=0, spherical=True, n_init=2)  # one fixed clustering for both
+    monkeypatch.setattr(common, "kmeans", cluster)
+    t, scale = 3, 20.0  # a moderate scale: no softmax ties at 1.0, so "most confident first" is unambiguous
+    for seed in range(6):
+        feats, text = sorted_pool_world(seed)
+        zs_pred = (feats @ text.T).argmax(1)
+        y_final, remaining = notebook_loop(feats, text, t, scale, cluster)
+        low_t = set(torch.bincount(zs_pred, minlength=len(text)).argsort(stable=True)[:t].tolist())
+        mismatched, centres = cap.detect_mismatch(feats, text, zs_pred, t, seed=0, scale=scale)
+        assert mismatched == [c for c in y_final if c in low_t], seed
+        expected = cluster(feats[remaining], len(y_final))[0]  # same leftover images <=> same centres
+        assert centres.shape == expected.shape and torch.allclose(centres, expected, atol=1e-6), seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mismatch_detection_runs_on_gpu_features_and_matches_cpu():
+    import cap
+    feats, text = sorted_pool_world(0)
+    zs_pred = (feats @ text.T).argmax(1)
+    cpu = cap.detect_mismatch(feats, text, zs_pred, 3, scale=20.0, intersect_low_t=False)
+    gpu = cap.detect_mismatch(feats.cuda(), text.cuda(), zs_pred.cuda(), 3, scale=20.0, intersect_low_t=False)
+    assert cpu[0] == gpu[0] and torch.allclose(cpu[1], gpu[1].cpu(), atol=1e-4)
+
+
+def test_match_log_odds_ranks_as_the_softmax_and_stays_finite_at_clip_scale():
+    import cap
+    g = torch.Generator().manual_seed(0)
+    z = 100 * torch.randn(30, 30, generator=g)  # CLIP's scale: P rounds to 1.0 in many rows
+    odds = cap.match_log_odds(z)
+    direct = -(z[:, None, :] - z[:, :, None]).masked_fill(torch.eye(30, dtype=torch.bool), float("-inf")).logsumexp(-1)
+    assert torch.isfinite(odds).all() and torch.allclose(odds, direct, atol=1e-3)
+    p = z.softmax(1)
+    moderate = (p > 1e-6) & (p < 1 - 1e-6)  # where float32 P still orders the pairs
+    assert torch.equal(odds[moderate].argsort(), p[moderate].argsort())
+
+
+def test_fast_removal_loop_finds_the_planted_classes_like_the_exact_loop():
+    import cap
+    g = torch.Generator().manual_seed(0)
+    C, per, d = 12, 30, 32
+    means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]
+    y = torch.arange(C).repeat_interleave(per)
+    feats = F.normalize(means[y] + 0.15 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D]
+    text = means.clone()
+    text[[2, 9]] = F.normalize(torch.randn(2, d, generator=g), dim=1)  # two wrong names: unrelated text
+    zs_pred = (feats @ text.T).argmax(1)
+    exact = cap.detect_mismatch(feats, text, zs_pred, t=2, n_init=5, fast=False)
+    fast = cap.detect_mismatch(feats, text, zs_pred, t=2, n_init=5, fast=True)
+    assert sorted(exact[0]) == sorted(fast[0]) == [2, 9]
+    assert (exact[1] @ fast[1].T).max(1).values.min() > 0.99  # the same two leftover clusters
