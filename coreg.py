@@ -13,7 +13,7 @@ Section references are to METHODS.md §5 (the notes this code was written from);
 not cited because the paper's numbering was not available offline.
 
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
-    python coreg.py --data demo     # = --arch narrow --epochs 12 --warm-up 8 --start-cont 2 --batch-size 64 --lr 0.05
+    python coreg.py --data demo     # = --arch narrow --epochs 18 --warm-up 8 --rampup 8 --start-cont 2 --batch-size 64 --lr 0.05
     python coreg.py --data synthetic --clip-model tiny --pretrained none --arch narrow --epochs 3 --warm-up 1
 """
 import argparse
@@ -31,12 +31,12 @@ TAU_PROTO = 0.3     # prototype similarity temperature
 TAU_CONT = 0.07     # contrastive temperature
 W_PROTO = 0.1       # weight_protocont
 W_CONT = 0.1        # weight_supcont_sepa
-RAMPUP = 16         # epochs of linear λ_u ramp-up after warm-up (stepped per iteration)
 HISTORY = 5         # co-divide averages the normalised loss over this many epochs
 
 
-# The demo world (demo.py) on a CPU: a narrow CNN and a short schedule; explicit flags still win.
-DEMO_DEFAULTS = dict(arch="narrow", epochs=12, warm_up=8, start_cont=2, batch_size=64, lr=0.05)
+# The demo world (demo.py) on a CPU: a narrow CNN and a short schedule in which λ_u still reaches full weight
+# (warm-up 8 + a ramp of 8 epochs instead of 16 + 2 at full weight); explicit flags still win.
+DEMO_DEFAULTS = dict(arch="narrow", epochs=18, warm_up=8, rampup=8, start_cont=2, batch_size=64, lr=0.05)
 
 
 def parse_args(argv=None):
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
+    p.add_argument("--rampup", type=cli.positive_int, default=16,
+                   help="epochs of the linear λ_u ramp-up after warm-up (release: 16; demo: 8)")
     p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
                    help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
     # ablations: each switches off one component of the method (all on in the paper)
@@ -398,7 +400,7 @@ def mixup(x, t, alpha, g):
     return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
 
-def lambda_u_ramp(epoch, it, n_iter, warm_up, lambda_u, length=RAMPUP):
+def lambda_u_ramp(epoch, it, n_iter, warm_up, lambda_u, length=16):
     """λ_u · clip((epoch + it/n_iter − warm_up) / 16, 0, 1): DivideMix's linear ramp-up, stepped per iteration;
     0 at the first co-training step, full weight 16 epochs later."""
     return lambda_u * min(max((epoch + it / n_iter - warm_up) / length, 0.0), 1.0)
@@ -506,7 +508,7 @@ def train_epoch(st, other, div, protos, x_train, args, epoch, B, g, mean, std, d
     sums = dict.fromkeys(["loss", "x", "u", "proto", "cont"], 0.0)
     batches = zip(batch_stream(idx_x, B, n_iter, g), batch_stream(idx_u, B, n_iter, g))
     for it, (bx, bu) in enumerate(common.progress(list(batches), f"epoch {epoch + 1}", quiet)):
-        lam_u = lambda_u_ramp(epoch, it, n_iter, args.warm_up, args.lambda_u)
+        lam_u = lambda_u_ramp(epoch, it, n_iter, args.warm_up, args.lambda_u, args.rampup)
         n_x, ix = len(bx), torch.cat([bx, bu])
         imgs = x_train[ix]  # uint8 [n_x + n_u, 3, H, W]
         w1, w2 = (to_input(weak_augment(imgs, g), mean, std, device) for _ in range(2))
