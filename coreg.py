@@ -9,8 +9,9 @@ Wang et al., "Pre-Trained Vision-Language Models as Partial Annotators" (arXiv 2
    (noisy) sharpened targets under MixUp (DivideMix-style), plus a prototype alignment loss and a
    noisy supervised contrastive loss (PiCO-style, with a MoCo queue).
 3. Deploy the two networks (summed logits): no CLIP at test time, a fraction of its size.
-Section references are to METHODS.md §5 (the notes this code was written from); equation numbers are
-not cited because the paper's numbering was not available offline.
+"Step n" refers to the numbered summary in docs/coreg.md, which also lists where the released code
+(Portugas0807/Co-Reg) differs from a plain reading and what we follow; equation numbers are not cited
+because the paper's numbering was not available offline.
 
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
     python coreg.py --data demo     # = --arch narrow --epochs 18 --warm-up 8 --rampup 8 --start-cont 2 --batch-size 64 --lr 0.05
@@ -25,7 +26,7 @@ import time
 
 import cli
 
-EMB_DIM = 128       # projection-head output (METHODS.md §5.2)
+EMB_DIM = 128       # projection-head output
 MOCO_M = 0.999      # key-encoder and prototype EMA momentum
 TAU_PROTO = 0.3     # prototype similarity temperature
 TAU_CONT = 0.07     # contrastive temperature
@@ -42,18 +43,18 @@ DEMO_DEFAULTS = dict(arch="narrow", epochs=18, warm_up=8, rampup=8, start_cont=2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_common_args(p)
-    # annotation (METHODS.md §5.1)
+    # annotation (step 1)
     p.add_argument("--templates", default="small", choices=["small", "imagenet"],
                    help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
     p.add_argument("--cand-k", type=cli.positive_int, default=5, help="k for --cand-mode topk / ratio")
-    # networks (METHODS.md §5.2, §5.2.9)
+    # networks
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
     p.add_argument("--image-size", type=cli.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
-    p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="MoCo queue length (METHODS.md §5.2)")
-    # method (METHODS.md §5.2)
+    p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="MoCo queue length")
+    # method
     p.add_argument("--warm-up", type=cli.nonneg_int, default=10,
                    help="partial-CE warm-up epochs; 10 is DivideMix's CIFAR-10 value, chosen for the 100-epoch "
                         "runs (the released code uses 50 for its 800-epoch runs, 100 on CIFAR-100)")
@@ -73,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--supcon", action=argparse.BooleanOptionalAction, default=True, help="noisy SupCon loss")
     p.add_argument("--divide", default="co", choices=["co", "self"],
                    help="co: each network trains on the other's division (paper); self: on its own")
-    # optimisation (METHODS.md §5.2.7)
+    # optimisation
     p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
     p.add_argument("--cosine-epochs", type=cli.positive_int, default=None,
@@ -97,7 +98,7 @@ import common
 
 
 # -----------------------------------------------------------------------------
-# §5.1 Annotation: CLIP with several prompt templates as a noisy partial annotator
+# Step 1. Annotation: CLIP with several prompt templates as a noisy partial annotator
 
 @torch.no_grad()
 def template_weights(model, tokenizer, classnames, templates, device, quiet=False):
@@ -136,7 +137,7 @@ def annotation_stats(probs, S, labels):
 
 
 # -----------------------------------------------------------------------------
-# Images in memory and their augmentations (METHODS.md §5.2.9)
+# Images in memory and their augmentations
 
 def decode_images(samples, labels, size, workers=0):
     """Decode every image once, Resize + CenterCrop to `size`. -> uint8 [N, 3, size, size]"""
@@ -176,7 +177,7 @@ def to_input(x, mean, std, device):
 
 
 # -----------------------------------------------------------------------------
-# Networks: PreAct-ResNet-18 (or a narrow CNN) + linear classifier + 128-d projection head (METHODS.md §5.2)
+# Networks: PreAct-ResNet-18 (or a narrow CNN) + linear classifier + 128-d projection head
 
 class PreActBlock(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -246,7 +247,7 @@ def predict(net, x, mean, std, device, bs=1024):
 
 
 # -----------------------------------------------------------------------------
-# §5.2.1 Warm-up on the partial labels
+# Step 2. Warm-up on the partial labels
 
 def mean_or_zero(v):
     """Mean over the batch, 0 (still a graph node) for an empty batch."""
@@ -277,7 +278,7 @@ def batch_stream(idx, B, n_iter, g):
 
 
 def warmup_epoch(net, opt, x_train, S, pred_dist, mean, std, B, g, device, quiet):
-    """One epoch of partial CE + confidence penalty on strong views, batch 2B (METHODS.md §5.2.1).
+    """One epoch of partial CE + confidence penalty on strong views, batch 2B (step 2).
     Each batch's predictions are written into the DA buffer pred_dist [N, C] (in place), as in the release."""
     net.train()
     N = len(x_train)
@@ -295,7 +296,7 @@ def warmup_epoch(net, opt, x_train, S, pred_dist, mean, std, B, g, device, quiet
 
 
 # -----------------------------------------------------------------------------
-# §5.2.2 Co-divide: a GMM on each network's candidate loss splits the pool into clean and noisy
+# Step 3. Co-divide: a GMM on each network's candidate loss splits the pool into clean and noisy
 
 def distribution_alignment(p, pred_dist, prior):
     """DA: p ← p · prior / mean_i pred_dist_i, rows renormalised. p [B, C]; pred_dist [N, C] is the running
@@ -356,7 +357,7 @@ def eval_pass(net, x_train, pred_dist, prior, B, g, mean, std, device, da=True):
 
 
 def co_divide(p, S, history, p_threshold):
-    """One network's division of the pool from its (DA-aligned) predictions p [N, C] (METHODS.md §5.2.2).
+    """One network's division of the pool from its (DA-aligned) predictions p [N, C] (step 3).
     -> dict(w [N], clean bool [N], s_hat [N, C]).
 
     s_hat is p restricted to S and renormalised: the *other* network's co-refinement target for the clean split.
@@ -378,7 +379,7 @@ def divide(st, x_train, S, prior, p_threshold, B, g, mean, std, device, da=True)
 
 
 # -----------------------------------------------------------------------------
-# §5.2.3-4 Co-pseudo-labeling (co-refinement, co-guessing) and MixUp self-training
+# Steps 4-5. Co-pseudo-labeling (co-refinement, co-guessing) and MixUp self-training
 
 def sharpen(p, T):
     """p^(1/T), renormalised. [B, C] -> [B, C]"""
@@ -414,7 +415,7 @@ def semi_loss(logits_x, t_x, logits_u, t_u):
 
 
 # -----------------------------------------------------------------------------
-# §5.2.5 Prototypical similarity alignment
+# Step 6. Prototypical similarity alignment
 
 @torch.no_grad()
 def update_prototypes(protos, emb, labels, m=MOCO_M):
@@ -435,7 +436,7 @@ def proto_loss(emb, protos, t, n_x, lambda_u):
 
 
 # -----------------------------------------------------------------------------
-# §5.2.6 Noisy supervised contrastive learning with a MoCo queue
+# Step 7. Noisy supervised contrastive learning with a MoCo queue
 
 def supcon_mask(labels, clean, labels_queue, clean_queue):
     """Positives and valid pairs for the noisy SupCon loss over the contrast set [q, k, queue] (release).
@@ -495,7 +496,7 @@ def enqueue(queue, k, labels, clean):
 
 
 # -----------------------------------------------------------------------------
-# One co-training epoch of one network on the other network's division (METHODS.md §5.2.3-6)
+# One co-training epoch of one network on the other network's division (steps 4-7)
 
 def train_epoch(st, other, div, protos, x_train, args, epoch, B, g, mean, std, device, pl, quiet):
     """st: this network's state dict(net, key, opt, queue); div: the division it trains on (the *other*
@@ -543,7 +544,7 @@ def train_epoch(st, other, div, protos, x_train, args, epoch, B, g, mean, std, d
 
 
 # -----------------------------------------------------------------------------
-# Optimisation schedule (METHODS.md §5.2.7)
+# Optimisation schedule
 
 def cosine_lr(epoch, lr, period):
     """Cosine from lr to lr·1e-3 over `period` epochs (the released code: period = 800 whatever --epochs)."""
@@ -566,7 +567,7 @@ def main(argv=None):
     classnames, y_train, y_test = d["classnames"], d["y_train"], d["y_test"]
     C, N = len(classnames), len(y_train)
 
-    # §5.1 annotation: per-template CLIP probabilities -> candidate sets
+    # step 1 annotation: per-template CLIP probabilities -> candidate sets
     templates = common.get_templates(args.templates)
     W = template_weights(d["model"], d["tokenizer"], classnames, templates, device, quiet)  # [T, C, D]
     probs = annotate(d["f_train"], W)  # [T, N, C]
@@ -604,10 +605,10 @@ def main(argv=None):
         for st in states:
             for group in st["opt"].param_groups:
                 group["lr"] = cosine_lr(epoch, args.lr, args.cosine_epochs or args.epochs)
-        if epoch < args.warm_up:  # §5.2.1 warm-up
+        if epoch < args.warm_up:  # step 2 warm-up
             losses = [{"loss": warmup_epoch(st["net"], st["opt"], x_train, S, st["pred_dist"], mean, std, B, g,
                                             device, quiet)} for st in states]
-        else:  # §5.2.2 co-divide, then each network trains on the other's division
+        else:  # step 3 co-divide, then each network trains on the other's division
             divs = [divide(st, x_train, S, prior, args.p_threshold, B, g, mean, std, device, args.da)
                     for st in states]
             losses = [train_epoch(states[k], states[1 - k]["net"], divs[1 - k if args.divide == "co" else k], protos,
@@ -624,7 +625,7 @@ def main(argv=None):
               f"{'-' if clean_frac is None else f'{clean_frac:.2f}'} | pl-acc {100 * row['pl_acc']:.1f} | "
               f"acc {100 * accs[2]:.1f} | {row['time_s']:.1f}s", flush=True)
 
-    # §5.2.8 inference: summed logits of both networks; the projection heads are not deployed
+    # step 8 inference: summed logits of both networks; the projection heads are not deployed
     deployed = sum(p.numel() for st in states for n, p in st["net"].named_parameters() if not n.startswith("head"))
     per_class = common.per_class_accuracy((logits[0] + logits[1]).argmax(1), y_test, C)  # [C]
     warm = history[min(args.warm_up, args.epochs) - 1]["acc"] if args.warm_up > 0 else None
