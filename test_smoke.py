@@ -4,9 +4,12 @@
 Run: python -m pytest -q test_smoke.py          (the unit tests: python -m pytest -q tests/)
 """
 import json
+import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep, not spin (tests/conftest.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import cap
 import coreg
