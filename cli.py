@@ -1,4 +1,4 @@
-"""The command-line flags zeroshot.py, cap.py and coreg.py share (STYLE.md §16), standard library only.
+"""The command-line flags zeroshot.py, cap.py and coreg.py share, standard library only.
 
 Why a separate file: importing torch takes 5-17 s, so each script builds its parser from this module and
 checks the command line *before* its torch import; `--help` and a bad flag (`--data nosuch`,

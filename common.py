@@ -42,8 +42,8 @@ def run_cli(main):
 # -----------------------------------------------------------------------------
 # Prompt templates
 
-TEMPLATES_SINGLE = ["a photo of a {}."]  # FPL/CAP default (METHODS.md §1.2)
-# "imagenet_templates_small": the 27 templates Co-Reg annotates with (METHODS.md §5.1)
+TEMPLATES_SINGLE = ["a photo of a {}."]  # the one prompt of FPL and CAP
+# "imagenet_templates_small": the 27 templates Co-Reg annotates with (docs/coreg.md)
 TEMPLATES_SMALL = [
     "a photo of a {}.", "a rendering of a {}.", "a cropped photo of the {}.", "the photo of a {}.",
     "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a photo of my {}.",
@@ -68,7 +68,7 @@ def get_templates(name):
 # Datasets: a table from --data name to a loader returning (samples, labels, classnames).
 # `samples` is anything indexable giving a PIL image or an image path.
 
-EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP (METHODS.md §1.1), in torchvision folder order
+EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP, in torchvision folder order
     "annual crop land", "forest", "brushland or shrubland", "highway or road",
     "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
     "residential buildings or homes or apartments", "river", "lake or sea"]
@@ -206,7 +206,7 @@ def _load_cub(root, download):
 
 
 def _load_small_tv(name):
-    """Co-Reg's small-image datasets (METHODS.md §5), each with its official train/test split."""
+    """Co-Reg's small-image datasets, each with its official train/test split."""
     def load(root, download):
         import torchvision.datasets as D
         cls, kw_tr, kw_te = {
