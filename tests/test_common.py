@@ -386,3 +386,14 @@ def test_a_bad_flag_is_answered_before_torch_is_imported(script, args, code):
         assert "error: argument --data: invalid choice: 'nosuch'" in r.stderr
     imported = {l.rsplit("|", 1)[-1].strip() for l in r.stderr.splitlines() if l.startswith("import time:")}
     assert "argparse" in imported and not imported & {"torch", "numpy", "common"}
+
+
+def test_scripts_load_torch_with_passive_openmp_waits():
+    """cli.py, imported before torch by every script, asks OpenMP to sleep rather than spin while waiting."""
+    code = "import os; os.environ.pop('OMP_WAIT_POLICY', None); import cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    for script in ("cap.py", "coreg.py", "zeroshot.py"):
+        text = (REPO / script).read_text()
+        assert text.index("import cli") < text.index("import torch"), script
