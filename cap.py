@@ -30,7 +30,7 @@ from pathlib import Path
 
 import cli
 
-# Released per-dataset overrides (METHODS.md §4.2, §4.4, §4.6); the demo plants two mismatched classes.
+# Released per-dataset overrides (docs/cap.md); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
                     "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,  # demo: CPU-sized budget
                              "n_main": 32,  # 32 of 300 images per class (the paper's 16 of ~100-1000)
@@ -57,7 +57,7 @@ DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellit
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
     cli.add_common_args(p)
-    p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="paper setting (METHODS.md §1.2)")
+    p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="setting: ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
     p.add_argument("--mismatch-t", type=cli.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
     p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
     # §3.2 calibrated margin
-    p.add_argument("--margin-scale", type=float, default=12.0, help="m (METHODS.md §4.5: 12.0)")
+    p.add_argument("--margin-scale", type=float, default=12.0, help="margin scale m (paper and release: 12.0)")
     p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
                    help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
     # §3.3 model and optimisation
@@ -125,7 +125,7 @@ def resolve(args, key, fallback):
 
 
 # -----------------------------------------------------------------------------
-# §4.1 Settings: which images are labeled and which classes get pseudolabels (METHODS.md §1.2)
+# §4.1 Settings: which images are labeled and which classes get pseudolabels (docs/cap.md)
 
 def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
     """SSL: `shots` labeled images per class, drawn without replacement from numpy seeded with `seed` (0 as
@@ -442,7 +442,7 @@ def dpl_accuracy(dpl, labels):
 # §3.3 Model: MaPLe multimodal prompts on a frozen open_clip ViT, plus three residual adapters
 
 def build_maple(model, tokenizer, classnames, depth, n_ctx=2, ctx_init="a photo of a"):
-    """MaPLe prompt learner (METHODS.md §4.3): n_ctx text context tokens initialised from ctx_init,
+    """MaPLe prompt learner (as released): n_ctx text context tokens initialised from ctx_init,
     coupled to vision prompts by Linear(text width → vision width), plus depth−1 deep prompt pairs.
     Returns (learner: trainable ModuleDict, tokens [C, L] of "ctx_init <class>.")."""
     w_txt, w_vis = model.token_embedding.embedding_dim, model.visual.conv1.out_channels
@@ -552,7 +552,7 @@ def fixmatch_loss(logits_s, y_hat, mask, M):
 
 
 # -----------------------------------------------------------------------------
-# §3.3 Dual-adapter training (METHODS.md §4.4-§4.7)
+# §3.3 Dual-adapter training (paper §4; released settings in docs/cap.md)
 
 def strong_view(size, normalize, crop_min=0.08, flip_p=0.5):
     """RandomResizedCrop(scale crop_min-1) + horizontal flip (§4.4: 0.08; the release flips always, p = 1)."""
