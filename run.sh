@@ -21,7 +21,7 @@ case "$what" in
     for mode in ul ssl trzsl; do
       $PY cap.py $T --mode $mode --epochs 2 --iters 3 --out-dir runs/smoke/cap-$mode "$@"
     done
-    $PY coreg.py $T --arch narrow --epochs 3 --warm-up 1 --start-cont 1 --out-dir runs/smoke/coreg "$@"
+    $PY coreg.py $T --arch narrow --epochs 3 --warm-up 1 --start-cont 0 --out-dir runs/smoke/coreg "$@"
     ;;
   demo)
     for seed in $SEEDS; do

@@ -43,5 +43,5 @@ def test_cap_runs_in_every_setting(tmp_path, cache, mode):
 
 
 def test_coreg_runs(tmp_path, cache):
-    run(coreg, tmp_path, cache, "--arch", "narrow", "--epochs", "3", "--warm-up", "1", "--start-cont", "1",
+    run(coreg, tmp_path, cache, "--arch", "narrow", "--epochs", "3", "--warm-up", "1", "--start-cont", "0",
         "--batch-size", "16")
