@@ -344,15 +344,10 @@ def _every(iterable, desc, every):
 # -----------------------------------------------------------------------------
 # CLIP
 
-def _tiny_config(layers, patch_size):
-    """A width-64, 32-px open_clip config; text and vision towers get the same depth."""
-    return {"embed_dim": 64,
-            "vision_cfg": {"image_size": 32, "layers": layers, "width": 64, "patch_size": patch_size},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": layers}}
-
-
-TINY_CONFIGS = {  # 32-px models registered in-process (no download)
-    "tiny": _tiny_config(2, 8),  # 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
+TINY_CONFIGS = {  # 32-px width-64 models registered in-process (no download)
+    "tiny": {"embed_dim": 64,  # 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}},
     "tiny-demo": demo.CLIP_CONFIG,  # 3 layers, 8x8 patches of 4 px: the demo world's CLIP
 }
 
@@ -488,13 +483,13 @@ def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache", quiet
 # -----------------------------------------------------------------------------
 # Image features and their cache
 
-def cache_path(cache_dir, data, split, model_name, pretrained, view="eval"):
-    """File name keyed by dataset, split, model, pretrained (hashed when it is a file), view, format."""
+def cache_path(cache_dir, data, split, model_name, pretrained):
+    """File name keyed by dataset, split, model, pretrained (hashed when it is a file) and format."""
     p = str(pretrained)
     if os.path.isfile(p):
         st = os.stat(p)
         p = Path(p).stem + "-" + hashlib.sha1(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
-    key = f"{data}_{split}_{model_name}_{p}_{view}_v{CACHE_VERSION}".replace("/", "-")
+    key = f"{data}_{split}_{model_name}_{p}_eval_v{CACHE_VERSION}"  # "eval": the eval preprocess.replace("/", "-")
     return Path(cache_dir) / f"{key}.pt"
 
 

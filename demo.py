@@ -24,9 +24,6 @@ which gives Co-Reg candidate sets with more than one label.
     python zeroshot.py --data demo --templates small
 """
 import math
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -9,7 +9,6 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 
 import sys
 from pathlib import Path
