@@ -661,11 +661,11 @@ def _kmeans_pp(x, x_sq, k, g, n_trials=None):
     (n_trials=1) more often puts two centres in one cluster and none in another (4x the inertia on
     well-separated blobs, measured). -> [K, D]"""
     n, L = len(x), n_trials or 2 + int(np.log(k))
-    i = torch.randint(n, (1,), generator=g, device=x.device)  # [1]
+    i = torch.randint(n, (1,), generator=g).to(x.device)  # [1]
     idx, d2 = [i], _dists_to(x, x_sq, i)[0]  # d2 [N]: squared distance to the nearest centre so far
     for _ in range(k - 1):
         cdf = d2.cumsum(0)  # [N] (on CPU torch accumulates float32 cumsums in float64)
-        u = torch.rand(L, generator=g, device=x.device) * cdf[-1]  # [L]
+        u = torch.rand(L, generator=g, dtype=cdf.dtype).to(x.device) * cdf[-1]  # [L]
         cand = torch.searchsorted(cdf, u, right=True).clamp_max_(n - 1)  # [L] first j with cdf[j] > u
         d_cand = torch.minimum(_dists_to(x, x_sq, cand), d2)  # [L, N] d2 with each candidate added
         best = d_cand.sum(1).argmin()  # if every d2 is 0 (k > distinct points) any pick is as good
@@ -707,13 +707,13 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=No
     x_sq = torch.linalg.vector_norm(x, dim=1) ** 2  # [N], without an [N, D] temporary
     chunk = chunk or max(64, min(2**20 // x.shape[1], 2**22 // k))  # x block ≤ 4 MB, distance block ≤ 16 MB
     m = min(n, seed_rows or 16 * k)
-    g = torch.Generator(device=x.device).manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same seeds on a GPU as on the CPU
     best = None
     for _ in range(n_init if init is None else 1):
         if init is not None:
             c = init.float()  # [K, D]
         else:
-            rows = torch.randperm(n, generator=g, device=x.device)[:m] if m < n else slice(None)  # [M]
+            rows = torch.randperm(n, generator=g)[:m].to(x.device) if m < n else slice(None)  # [M]
             c = _kmeans_pp(x[rows], x_sq[rows], k, g)  # [K, D]
         if spherical:
             c = F.normalize(c, dim=1)
