@@ -135,9 +135,26 @@ def _fit_fn(peer, n_iter, info):
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         import common
 
+        device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))  # --device: ours alone can run on a GPU
+        on_device = {}  # the data moves to the GPU once, outside the timed fit (CAP's features live there already)
+
         def fit(x, k, seed):
-            centroids, assign, _ = common.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)
-            return centroids.numpy(), assign.numpy()
+            if device.type == "cpu":
+                centroids, assign, _ = common.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)
+                return centroids.numpy(), assign.numpy()
+            if id(x) not in on_device:
+                on_device.clear()
+                on_device[id(x)] = torch.from_numpy(x).to(device)
+            xd = on_device[id(x)]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            centroids, assign, _ = common.kmeans(xd, k, n_iter=n_iter, tol=0.0, seed=seed)
+            torch.cuda.synchronize()
+            info.setdefault("gpu_seconds", []).append(time.perf_counter() - t0)
+            info.setdefault("gpu_peak_extra_mb", []).append(
+                (torch.cuda.max_memory_allocated() - xd.numel() * 4) / 2**20)  # beyond the data itself
+            return centroids.cpu().numpy(), assign.cpu().numpy()
         return fit
     if peer == "faiss":
         import faiss
@@ -174,7 +191,8 @@ def worker(peer, data_path, k, n_iter, seeds, out_dir):
     x = np.load(data_path, mmap_mode="r")
     x = np.array(x)  # [N, D] float32, resident
     fit(np.ascontiguousarray(x[:2000]), 8, 0)  # warm-up: thread pools, BLAS, first-call overheads
-    info.pop("train_only_seconds", None)
+    for key in ("train_only_seconds", "gpu_seconds", "gpu_peak_extra_mb"):
+        info.pop(key, None)
     res = {"seconds": [], "peak_extra_mb": [], "load": []}
     for seed in seeds:
         try:  # reset VmHWM to the current RSS (Linux >= 4.0); otherwise the peak so far is the baseline
@@ -249,6 +267,9 @@ def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
                 "load": float(np.mean([res["load"] for res in rs]))}
         if "train_only_seconds" in rs[0]:
             r[p]["train_only_seconds"] = best("train_only_seconds")
+        if "gpu_seconds" in rs[0]:
+            r[p]["gpu_seconds"] = best("gpu_seconds")
+            r[p]["gpu_peak_extra_mb"] = float(np.max([res["gpu_peak_extra_mb"] for res in rs]))
     print(f"{'peer':<8} {'time s':>8} {'inertia':>14} {'peak extra MB':>14} {'load':>5} {'ours/peer time':>15} "
           f"{'ours/peer inertia':>18}")
     for p, res in r.items():
@@ -263,6 +284,9 @@ def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
     for p, res in r.items():
         if "train_only_seconds" in res:
             print(f"({p} train() alone, without the labels pass: {res['train_only_seconds']:.2f} s)")
+        if "gpu_seconds" in res:
+            print(f"({p} on {os.environ['BENCH_DEVICE']}: {res['gpu_seconds']:.3f} s a fit, synchronised, data already "
+                  f"there; peak GPU memory beyond the data {res['gpu_peak_extra_mb']:.0f} MB)")
     for t in targets:
         if t.startswith("time") and shape != "clip":
             continue  # times are compared on the CLIP-like shape only
@@ -279,6 +303,8 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="comma-separated data shapes (default: the case's)")
     p.add_argument("--seeds", type=int, help="init seeds 0..S-1 per peer, averaged (default: 8 for a, 1 for b, c)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per peer (the fastest counts)")
+    p.add_argument("--device", default="cpu", help="where ours runs (cuda: time and peak memory on the GPU; the "
+                   "data is moved there before timing). The peers stay on the CPU")
     # internal: run one peer in this (fresh) process
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--seed-list", help=argparse.SUPPRESS)
@@ -288,6 +314,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.data, args.k, args.iters, [int(s) for s in args.seed_list.split(",")], args.out)
+    os.environ["BENCH_DEVICE"] = args.device  # read by the worker processes
     for name in args.cases.split(","):
         n, d, k, n_seeds, shapes, peers, targets = CASES[name]
         if args.quick and name == "b":

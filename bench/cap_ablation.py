@@ -7,6 +7,7 @@ Behaviours that only act in SSL or TRZSL are measured in that setting.
 
     python bench/cap_ablation.py                  # ~40 runs of ~20-60 s on 2 CPU cores
     python bench/cap_ablation.py --table-only     # re-print the table from runs/cap_ablation
+    python bench/cap_ablation.py --jobs 12 --device cpu   # on a many-core machine; unknown flags go to cap.py
 """
 import argparse
 import json
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +37,7 @@ RUNS = [("paper", "ul", [], None), ("as-released", "ul", ["--as-released"], "pap
 assert {r[0] for r in RUNS} >= set(cap.RELEASE_BEHAVIOURS)
 
 
-def run_all(out, seeds, cache_dir):
+def run_all(out, seeds, cache_dir, jobs=1, extra=()):
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "demo_version"  # finished runs are reused only on the same demo world
     if stamp.exists() and stamp.read_text().strip() != str(demo.VERSION):
@@ -43,18 +45,22 @@ def run_all(out, seeds, cache_dir):
     stamp.write_text(f"{demo.VERSION}\n")
     (out / DESCRIBED_FILE).write_text(json.dumps({c: demo.DESCRIPTIONS[c] for c in demo.MISMATCHED}, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    for name, mode, flags, _ in RUNS:
-        for seed in seeds:
-            run_dir = out / f"{name}-seed{seed}"
-            if (run_dir / "results.json").exists():
-                continue  # resumable: a finished run is kept
-            flags_here = [str(out / f) if f == DESCRIBED_FILE else f for f in flags]
-            cmd = [sys.executable, str(ROOT / "cap.py"), "--data", "demo", "--mode", mode, "--seed", str(seed),
-                   "--cache-dir", cache_dir, "--out-dir", str(run_dir), "--quiet", *flags_here]
-            t0 = time.time()
-            with open(out / f"{name}-seed{seed}.log", "w") as log:
-                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)
-            print(f"{name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+
+    def one(name, mode, flags, seed):
+        run_dir = out / f"{name}-seed{seed}"
+        flags_here = [str(out / f) if f == DESCRIBED_FILE else f for f in flags]
+        cmd = [sys.executable, str(ROOT / "cap.py"), "--data", "demo", "--mode", mode, "--seed", str(seed),
+               "--cache-dir", cache_dir, "--out-dir", str(run_dir), "--quiet", *flags_here, *extra]
+        t0 = time.time()
+        with open(out / f"{name}-seed{seed}.log", "w") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)
+        print(f"{name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+
+    todo = [(name, mode, flags, seed) for name, mode, flags, _ in RUNS for seed in seeds
+            if not (out / f"{name}-seed{seed}" / "results.json").exists()]  # resumable: a finished run is kept
+    with ThreadPoolExecutor(jobs) as pool:  # --jobs > 1 only where there are cores to spare (each run: 1 thread)
+        for f in [pool.submit(one, *t) for t in todo]:
+            f.result()
 
 
 def score(out, name, mode):
@@ -92,10 +98,11 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
     p.add_argument("--cache-dir", default="cache", help="cap.py --cache-dir (the demo CLIP is cached there)")
     p.add_argument("--table-only", action="store_true", help="print the table from finished runs")
-    args = p.parse_args(argv)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (a machine with cores to spare)")
+    args, extra = p.parse_known_args(argv)  # anything else goes to every cap.py run, e.g. --device cpu
     out = ROOT / args.out
     if not args.table_only:
-        run_all(out, args.seeds.split(","), args.cache_dir)
+        run_all(out, args.seeds.split(","), args.cache_dir, args.jobs, extra)
     table(out)
 
 
