@@ -26,8 +26,8 @@ import demo  # noqa: E402  (for the world's VERSION and its mismatched classes)
 
 # (run name, --mode, extra flags, the run it is compared with)
 DESCRIBED_FILE = "described.json"  # written below: names the demo's two mismatched classes, as the release's file would
-# In UL on the demo, `desc-all` (no labeled images) and `sigma-repeats` (640 draws an epoch from 3,000 images)
-# cannot change anything; they run last, as a check.
+# In UL on the demo `desc-all` cannot change anything (no labeled images): its row is a check. `sigma-repeats`
+# acts only through images drawn more than once in an epoch (measured: up to +1 point on one seed).
 RUNS = [("paper", "ul", [], None), ("as-released", "ul", ["--as-released"], "paper")] + \
     [(b, "ul", ["--release", b], "paper") for b in ("margin", "flip", "quirk", "no-low-t", "leaderboard")] + \
     [("described", "ul", ["--release", "described", "--descriptions", DESCRIBED_FILE], "paper"),
