@@ -2,7 +2,7 @@
 
 Why a separate file: importing torch takes 5-17 s, so each script builds its parser from this module and
 checks the command line *before* its torch import; `--help` and a bad flag (`--data nosuch`,
-`--epochs 0`) are then answered at once. DATASET_NAMES are the keys of common.DATASETS (asserted there).
+`--epochs 0`) are then answered at once. DATASET_NAMES are the keys of data.DATASETS (asserted there).
 Being imported before torch also makes it the place for the one OpenMP setting that must precede torch.
 """
 import argparse
@@ -12,6 +12,11 @@ import os
 # parallel op; measured here under load: the demo CLIP's pre-training 24 s a step with 2 spinning threads,
 # 1.8 s with PASSIVE (sleeping) waits. It is read once, when torch loads. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+class UserError(Exception):
+    """A problem the user can fix (missing data, weights, bad flag): common.run_cli prints it as one line,
+    no traceback, exit code 2."""
+
 
 DATASET_NAMES = ["cifar10", "cifar100", "cub", "demo", "dtd", "eurosat", "fashion_mnist", "fer2013",
                  "fgvc_aircraft", "flowers102", "folder", "gtsrb", "resisc45", "svhn", "synthetic"]

@@ -263,7 +263,7 @@ def pretraining_pairs(captions_per_image, n_blank=500):
 
 
 def load_demo_dataset():
-    """The demo's labelled splits in the shape of common.load_dataset's loaders. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
+    """The demo's labelled splits in the shape of data.load_dataset's loaders. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
     parts = []
     for split in ("train", "test"):
         images, labels, _ = generate(split)

@@ -293,8 +293,9 @@ def test_ssl_shots_as_released_reseed_numpy_with_0_before_each_class():
 
 def test_flowers102_uses_clip_style_names(monkeypatch):
     # item 7: torchvision's 'globe-flower', 'pink-yellow dahlia?' and 'ball moss'
-    monkeypatch.setattr(common, "_tv_pair", lambda cls, root, download, names, *kw: names)
-    names = common._load_flowers("nowhere", False)
+    import data
+    monkeypatch.setattr(data, "_tv_pair", lambda cls, root, download, names, *kw: names)
+    names = data._load_flowers("nowhere", False)
     assert len(names) == 102 and {"globe flower", "pink and yellow dahlia", "air plant"} <= set(names)
     assert not {"globe-flower", "pink-yellow dahlia?", "ball moss"} & set(names)
 

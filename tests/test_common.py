@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import data
 import zeroshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,11 +98,11 @@ def test_truncated_cache_file_is_reported_in_one_line_and_recomputed(tmp_path, c
 
 def test_folder_dataset_runs_end_to_end_on_a_seeded_80_20_split(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
-    train, y_train, test, y_test, names = common.load_dataset("folder", str(root))
+    train, y_train, test, y_test, names = data.load_dataset("folder", str(root))
     assert names == ["cat", "dog", "fox"]
     assert (len(train), len(test)) == (12, 3)
     assert sorted(train + test) == sorted(str(p) for p in root.rglob("*.png"))
-    assert common.load_dataset("folder", str(root))[2] == test  # same split every time
+    assert data.load_dataset("folder", str(root))[2] == test  # same split every time
 
     metrics = run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(root))
     assert all(math.isfinite(v) for v in metrics.values())
@@ -309,7 +310,7 @@ def test_failed_download_names_the_folder_and_leaves_nothing_behind(tmp_path, mo
     monkeypatch.setattr(torchvision.datasets.DTD, "_download", offline)
     (tmp_path / "data").mkdir()
     with pytest.raises(common.UserError, match="--data demo"):
-        common.load_dataset("dtd", str(tmp_path / "data"), download=True)
+        data.load_dataset("dtd", str(tmp_path / "data"), download=True)
     assert list((tmp_path / "data").iterdir()) == []
 
 
