@@ -111,6 +111,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import common
 import demo
+import kmeans
 
 
 def release_behaviours(args):
@@ -197,7 +198,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         classes, images = list(range(C)), torch.arange(N, device=image_features.device)
     while len(classes) > t and len(images) >= len(classes):
         R, f = len(classes), image_features[images]  # f [n, D]
-        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
+        centres, assign, _ = kmeans.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
         odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
         # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
@@ -211,7 +212,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         used[order[:avg_size]] = True
         images, classes = images[~used], classes[:i] + classes[i + 1:]
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
-    centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
+    centres = kmeans.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
     if not intersect_low_t:
         return classes, centres
@@ -228,7 +229,7 @@ def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
     test as a full pass). f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
     N, C, dev = len(f), len(W), f.device
     avg_size = N // C
-    c, assign, _ = common.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
+    c, assign, _ = kmeans.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
     S = f @ c.T  # [N, C] cosines (unit centres: the largest is the nearest centre)
     Z = scale * f @ W.T  # [N, C] zero-shot logits; a removed class's column becomes −inf
     sums = torch.zeros_like(c).index_add_(0, assign, f)  # [C, D] cluster sums, kept up to date
