@@ -342,3 +342,13 @@ def test_each_mode_runs_as_released(tmp_path, mode):
     assert 0.0 <= m["test_acc"] <= 1.0 and math.isfinite(m["final_loss"])
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["release_behaviours"] == sorted(cap.RELEASE_BEHAVIOURS)
+
+
+def test_kmeans_restarts_flag_reaches_detection(tmp_path, monkeypatch):
+    # at 1,000 classes the fast loop needs one restart, not 20: the flag must reach detect_mismatch
+    seen = []
+    real = cap.detect_mismatch
+    monkeypatch.setattr(cap, "detect_mismatch", lambda *a, **kw: seen.append(kw["n_init"]) or real(*a, **kw))
+    run(tmp_path, "--epochs", "1", "--iters", "1", "--batch-size", "8", "--kmeans-restarts", "3", "--detect", "fast")
+    run(tmp_path, "--epochs", "1", "--iters", "1", "--batch-size", "8", name="default")
+    assert seen == [3, 20]
