@@ -45,10 +45,11 @@ def _kmeans_pp(x, x_sq, k, g, n_trials=None):
     well-separated blobs, measured). -> [K, D]"""
     n, L = len(x), n_trials or 2 + int(np.log(k))
     i = torch.randint(n, (1,), generator=g).to(x.device)  # [1]
+    draws = torch.rand(k - 1, L, generator=g, dtype=x.dtype).to(x.device)  # [K-1, L], one copy to the device
     idx, d2 = [i], _dists_to(x, x_sq, i)[0]  # d2 [N]: squared distance to the nearest centre so far
-    for _ in range(k - 1):
+    for step in range(k - 1):
         cdf = d2.cumsum(0)  # [N] (on CPU torch accumulates float32 cumsums in float64)
-        u = torch.rand(L, generator=g, dtype=cdf.dtype).to(x.device) * cdf[-1]  # [L]
+        u = draws[step] * cdf[-1]  # [L]
         cand = torch.searchsorted(cdf, u, right=True).clamp_max_(n - 1)  # [L] first j with cdf[j] > u
         d_cand = torch.minimum(_dists_to(x, x_sq, cand), d2)  # [L, N] d2 with each candidate added
         best = d_cand.sum(1).argmin()  # if every d2 is 0 (k > distinct points) any pick is as good
