@@ -32,7 +32,7 @@ def cache_dir(tmp_path_factory):
 def clip_and_train_features(cache_dir):
     """(model, tokenizer, train features [N, D] L2-normalised, train labels [N]) of the demo CLIP."""
     model, _, tokenizer = common.load_clip("tiny-demo", common.clip_choice("demo", cache_dir=cache_dir)[1])
-    images, labels, _ = demo.generate("train")
+    images, labels, _, _ = demo.generate("train")
     with torch.no_grad():
         features = F.normalize(model.encode_image(demo.to_clip_tensor(images)), dim=-1)  # [N, D]
     return model, tokenizer, features, labels
@@ -59,10 +59,10 @@ def test_demo_dataset_has_fixed_sizes_and_balanced_classes():
 
 
 def test_demo_images_are_the_same_on_every_call_and_differ_between_splits():
-    a, y_a, _ = demo.generate("test")
-    b, y_b, _ = demo.generate("test")
+    a, y_a, _, _ = demo.generate("test")
+    b, y_b, _, _ = demo.generate("test")
     assert (a == b).all() and torch.equal(y_a, y_b)
-    train, _, _ = demo.generate("train")
+    train, _, _, _ = demo.generate("train")
     assert not (train[:1000] == a).all()
 
 
@@ -161,14 +161,44 @@ def test_cap_ul_ends_10_points_above_zero_shot_with_the_default_demo_settings(ca
     assert metrics["dpl_acc_after_alignment"] > metrics["dpl_acc_before_alignment"]
 
 
-def test_coreg_candidate_sets_rarely_hold_the_mismatched_classes(clip_and_train_features):
-    """Why Co-Reg cannot gain much on the demo (README): its 27-template candidate sets almost never contain
-    circles / crosses for their own images, so no partial-label learner sees them; the other classes are
-    covered. v4 measured coverage 0.02 / 0.17 against >= 0.95."""
+def test_coreg_candidate_sets_carry_instance_level_noise(clip_and_train_features):
+    """What Co-Reg gets from the demo's 27-template annotation (docs/coreg.md): the true class is in the set for
+    >= 93 % of every class's images except the two planted mismatches; template 0 alone is a noisy label, noisier
+    on hard (pixel-noisy or tiny) images, whose captions name a look-alike class in CONFUSE_RATE of cases; sets
+    hold several labels more often on hard images than on easy ones. v9 measured: coverage >= 0.957 outside the
+    mismatches, template 0 right on 0.718 (easy 0.777, hard 0.634), multi-label sets on 52 % of hard and 44 %
+    of easy images."""
     import coreg
     model, tokenizer, features, labels = clip_and_train_features
+    hard = demo.generate("train")[3]  # [N] bool
     W = coreg.template_weights(model, tokenizer, demo.CLASSNAMES, common.get_templates("small"), "cpu", quiet=True)
-    S = coreg.candidate_sets(coreg.annotate(features, W), "union")  # [N, C]
+    probs = coreg.annotate(features, W)  # [T, N, C]
+    S = coreg.candidate_sets(probs, "union")  # [N, C]
     coverage = {name: S[labels == c, c].float().mean().item() for c, name in enumerate(demo.CLASSNAMES)}
-    assert all(coverage[name] <= 0.3 for name in demo.MISMATCHED), coverage
-    assert all(v >= 0.9 for name, v in coverage.items() if name not in demo.MISMATCHED), coverage
+    assert all(v >= 0.93 for name, v in coverage.items() if name not in demo.MISMATCHED), coverage
+    right = probs[0].argmax(1) == labels  # [N] template-0 label correct
+    assert 0.6 <= right.float().mean() <= 0.8
+    assert right[hard].float().mean() <= right[~hard].float().mean() - 0.05
+    multi = S.sum(1) > 1  # [N]
+    assert multi[hard].float().mean() >= multi[~hard].float().mean() + 0.05
+
+
+
+def test_coreg_demo_run_beats_its_noisy_labels_by_5_points_and_keeps_its_warm_up(cache_dir, tmp_path):
+    """The acceptance run: `python coreg.py --data demo` (seed 1, demo defaults, 2 threads as on the command
+    line): the two networks end >= 5 points above the noisy CLIP labels (template 0 on the train pool) and not
+    below their own accuracy after the warm-up; results.json keeps the per-epoch history and per-class accuracy."""
+    import coreg
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the command line's count (conftest's 1 thread would make this run ~1.5x longer)
+    try:
+        metrics = coreg.main(["--data", "demo", "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["test_acc"] >= metrics["noisy_label_acc"] + 0.05, metrics
+    assert metrics["test_acc"] >= metrics["acc_after_warmup"], metrics
+    results = json.loads((tmp_path / "results.json").read_text())
+    args = coreg.parse_args(["--data", "demo"])
+    assert [row["epoch"] for row in results["history"]] == list(range(1, args.epochs + 1))
+    assert results["history"][-1]["lambda_u"] == pytest.approx(args.lambda_u)  # λ_u reached full weight
+    assert set(results["per_class_test_acc"]) == set(demo.CLASSNAMES)
