@@ -14,7 +14,7 @@ Wang et al., "Pre-Trained Vision-Language Models as Partial Annotators" (arXiv 2
 because the paper's numbering was not available offline.
 
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
-    python coreg.py --data demo     # = --arch narrow --epochs 18 --warm-up 8 --rampup 8 --start-cont 2 --batch-size 64 --lr 0.05
+    python coreg.py --data demo     # = --arch narrow --epochs 16 --warm-up 8 --rampup 6 --start-cont 2 --batch-size 64 --lr 0.05
     python coreg.py --data synthetic --clip-model tiny --pretrained none --arch narrow --epochs 3 --warm-up 1
 """
 import argparse
@@ -36,8 +36,9 @@ HISTORY = 5         # co-divide averages the normalised loss over this many epoc
 
 
 # The demo world (demo.py) on a CPU: a narrow CNN and a short schedule in which λ_u still reaches full weight
-# (warm-up 8 + a ramp of 8 epochs instead of 16 + 2 at full weight); explicit flags still win.
-DEMO_DEFAULTS = dict(arch="narrow", epochs=18, warm_up=8, rampup=8, start_cont=2, batch_size=64, lr=0.05)
+# (warm-up 8 + a ramp of 6 epochs instead of 16 + 2 at full weight: under 3 minutes on 2 cores); explicit flags
+# still win.
+DEMO_DEFAULTS = dict(arch="narrow", epochs=16, warm_up=8, rampup=6, start_cont=2, batch_size=64, lr=0.05)
 
 
 def parse_args(argv=None):
@@ -172,8 +173,9 @@ def strong_augment(x, g, chunk=16):
 
 
 def to_input(x, mean, std, device):
-    """uint8 [B, 3, H, W] -> normalised float32 on device."""
-    return (x.to(device).float() / 255 - mean) / std
+    """uint8 [B, 3, H, W] -> normalised float32 on device, channels-last in memory (the shape is unchanged; the
+    convolutions run 1.6-1.8x faster on a CPU this way, measured on the narrow CNN at batch 256)."""
+    return ((x.to(device).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 # -----------------------------------------------------------------------------
@@ -227,7 +229,7 @@ class CoRegNet(nn.Module):
 def build_net(arch, num_classes, seed, device):
     with torch.random.fork_rng(devices=[]):  # nn.init uses the global RNG: seed it locally
         torch.manual_seed(seed)
-        return CoRegNet(arch, num_classes).to(device)
+        return CoRegNet(arch, num_classes).to(device, memory_format=torch.channels_last)  # see to_input
 
 
 @torch.no_grad()

@@ -311,7 +311,7 @@ def test_different_seed_changes_the_training_run(smoke):
 
 def test_demo_data_switches_to_the_cpu_defaults_and_explicit_flags_win():
     a = coreg.parse_args(["--data", "demo"])
-    assert (a.arch, a.epochs, a.warm_up, a.start_cont, a.batch_size, a.lr) == ("narrow", 18, 8, 2, 64, 0.05)
+    assert (a.arch, a.epochs, a.warm_up, a.start_cont, a.batch_size, a.lr) == ("narrow", 16, 8, 2, 64, 0.05)
     assert a.epochs >= a.warm_up + a.rampup + 1  # λ_u reaches full weight before the end
     assert coreg.parse_args(["--data", "demo", "--epochs", "3", "--arch", "preact18"]).epochs == 3
     assert coreg.parse_args(["--data", "demo", "--arch", "preact18"]).arch == "preact18"
