@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Co-Reg ablation on the demo world (docs/coreg.md): the full method, then one component switched off per row,
-# each over seeds 1-3 with the default demo settings. Runs one after another on one torch thread; a finished
-# run (its results.json exists) is skipped, so the script can be re-run to resume.
+# each over seeds 1-3 with the default demo settings. Each run uses one torch thread, JOBS runs at a time
+# (default 1; JOBS=2 on 2 cores); a finished run (its results.json exists) is skipped, so the script can be
+# re-run to resume.
 #   bash bench/coreg_ablation.sh                 # all rows
+#   JOBS=2 bash bench/coreg_ablation.sh          # two runs side by side
 #   ROWS="full no-da" SEEDS="1" bash bench/coreg_ablation.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +12,7 @@ PY=${PYTHON:-python}
 SEEDS=${SEEDS:-"1 2 3"}
 ROWS=${ROWS:-"full no-da no-mixup no-proto no-supcon self-divide"}
 OUT=${OUT:-runs/coreg-ablation}
+JOBS=${JOBS:-1}
 for row in $ROWS; do
   case $row in
     full) flags="";;
@@ -23,9 +26,9 @@ for row in $ROWS; do
   for seed in $SEEDS; do
     out=$OUT/$row-seed$seed
     [ -f $out/results.json ] && continue
-    OMP_NUM_THREADS=1 $PY coreg.py --data demo --seed $seed --quiet $flags --out-dir $out "$@" | tail -1
+    printf '%s\0' "OMP_NUM_THREADS=1 $PY coreg.py --data demo --seed $seed --quiet $flags --out-dir $out $* | tail -1"
   done
-done
+done | xargs -0 -r -P "$JOBS" -I{} bash -c {}
 # one line per row: mean ± std over seeds of the final and after-warm-up test accuracy, and the wall time
 $PY - "$OUT" $ROWS <<'PY'
 import json, statistics, sys
