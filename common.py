@@ -268,7 +268,7 @@ def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache", quiet
         print(f"demo CLIP: loading pre-trained weights from {path}")
         return "tiny-demo", str(path)
     print(f"demo CLIP: pre-training a tiny CLIP on synthetic image-caption pairs (once; cached at {path}); "
-          f"about 2 min on 2 idle cores")
+          f"about 3 min on 2 idle cores")
     start = time.time()
     model, _, tokenizer = load_clip("tiny-demo", "none")
     with torch.random.fork_rng():  # leave the caller's global RNG as it was

@@ -4,7 +4,7 @@ Ten classes of 32-px pattern images (stripes, checkerboards, dots, rings, plus s
 with random colours, rotations, offsets, scales and pixel noise from fixed seeds, so the world needs no
 download and is the same everywhere. A 3-layer open_clip model ('tiny-demo', CLIP_CONFIG below) is then
 pre-trained contrastively in-process on a separate set of such images with varied captions, the way CLIP
-was trained on web image-text pairs, and cached under --cache-dir (the first run takes about 2 min on 2
+was trained on web image-text pairs, and cached under --cache-dir (the first run takes about 3 min on 2
 CPU cores).
 
 The captions plant the two failures CAP is about:
@@ -15,10 +15,13 @@ The captions plant the two failures CAP is about:
     almost never predicts these two classes, while their images still form their own clusters (the K-Means
     step of CAP §3.1 finds them). DESCRIPTIONS offers, per class, one description close to the
     pre-training captions among distractors.
-  * concept confusion: thin and thick stripes look alike where their widths overlap and share the caption
-    word "stripes", so zero-shot predicts thin stripes more often than thick stripes.
-Caption variety (phrasings and size and noise words) makes prompt templates disagree on hard images,
-which gives Co-Reg candidate sets with more than one label.
+  * concept confusion: thin and thick stripes have adjacent widths and share the caption word "stripes", and
+    hard thick-stripe images are captioned as thin ones, so zero-shot predicts thin stripes more often.
+and the one Co-Reg is about:
+  * instance-level label noise: hard images (pixel-noisy or tiny) are captioned as a look-alike class in part
+    of their captions and with "dirty" / "small" in the others, so template 0 ('a photo of a {}.') often names
+    the look-alike while the templates with those words still name the true class: the 27-template candidate
+    set keeps the true label, and a network trained on the pixels can see it.
 
     python zeroshot.py --data demo
     python zeroshot.py --data demo --templates small
