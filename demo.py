@@ -87,7 +87,6 @@ PRETRAIN_THREADS = 2  # the weights depend on it (float sums); v9: 700 steps in 
 CLIP_CONFIG = {"embed_dim": 64,
                "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}}
-PRETRAIN_SEED = 0  # seeds the pre-training batches (the random init is fixed by common.load_clip)
 SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "blank": 3}  # pre-training never sees the demo's images
 PER_CLASS = {"train": 300, "test": 100, "pretrain": 1000}
 
@@ -327,7 +326,7 @@ def clip_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=None, captions_per_image=4, progress=iter):
+def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, progress=iter):
     """Train every parameter of a randomly initialised 'tiny-demo' CLIP on pre-training pairs, in place.
 
     progress wraps the step range (a progress bar or periodic log line; plain `iter` prints nothing).
@@ -345,7 +344,7 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=None, ca
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 0
         opt, lambda t: min(1, (t + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * t / steps)))
-    g = torch.Generator().manual_seed(PRETRAIN_SEED if seed is None else seed)
+    g = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(PRETRAIN_THREADS)  # a fixed count: float sums, so the weights, depend on it
     try:

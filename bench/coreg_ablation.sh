@@ -13,6 +13,7 @@ SEEDS=${SEEDS:-"1 2 3"}
 ROWS=${ROWS:-"full no-da no-mixup no-proto no-supcon self-divide"}
 OUT=${OUT:-runs/coreg-ablation}
 JOBS=${JOBS:-1}
+printf -v extra '%q ' "$@"  # the extra arguments, quoted once for the bash -c below
 for row in $ROWS; do
   case $row in
     full) flags="";;
@@ -26,7 +27,7 @@ for row in $ROWS; do
   for seed in $SEEDS; do
     out=$OUT/$row-seed$seed
     [ -f $out/results.json ] && continue
-    printf '%s\0' "OMP_NUM_THREADS=1 $PY coreg.py --data demo --seed $seed --quiet $flags --out-dir $out $* | tail -1"
+    printf '%s\0' "OMP_NUM_THREADS=1 $PY coreg.py --data demo --seed $seed --quiet $flags --out-dir $out $extra | tail -1"
   done
 done | xargs -0 -r -P "$JOBS" -I{} bash -c {}
 # one line per row: mean ± std over seeds of the final and after-warm-up test accuracy, and the wall time
