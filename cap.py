@@ -28,7 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-import cli
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, RandomSampler
+
+import common
+import demo
 
 # Released per-dataset overrides (docs/cap.md); the demo plants two mismatched classes.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
@@ -56,20 +64,20 @@ DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellit
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
-    cli.add_common_args(p)
+    common.add_common_args(p)
     p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="setting: ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
-    p.add_argument("--mismatch-t", type=cli.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
+    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
     p.add_argument("--detect", default="exact", choices=["exact", "fast"],
                    help="§3.1 removal loop: each K-Means from scratch (paper, release) or warm-started (fast: 1,000 classes)")
-    p.add_argument("--kmeans-restarts", type=cli.positive_int, default=20,
+    p.add_argument("--kmeans-restarts", type=common.positive_int, default=20,
                    help="§3.1 K-Means seedings kept best of (release: scikit-learn's 10; 20 steadies the demo). "
                         "At 1,000 classes use --detect fast --kmeans-restarts 1 (48 s on 2 cores; 20 would repeat the first clustering 20 times)")
-    p.add_argument("--n-main", type=cli.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
+    p.add_argument("--n-main", type=common.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
-    p.add_argument("--n-descriptions", type=cli.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
+    p.add_argument("--n-descriptions", type=common.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
     p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
     p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
     # §3.2 calibrated margin
@@ -77,15 +85,15 @@ def parse_args(argv=None):
     p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
                    help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
     # §3.3 model and optimisation
-    p.add_argument("--prompt-depth", type=cli.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
+    p.add_argument("--prompt-depth", type=common.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
     p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
-    p.add_argument("--epochs", type=cli.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
-    p.add_argument("--iters", type=cli.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
+    p.add_argument("--epochs", type=common.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
+    p.add_argument("--iters", type=common.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
     p.add_argument("--crop-min", type=float, default=None,
                    help="strong view: RandomResizedCrop smallest area fraction (§4.4: 0.08; demo: 0.5)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
-    p.add_argument("--expand-every", type=cli.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
+    p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
     p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
@@ -99,22 +107,6 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(RELEASE_BEHAVIOURS)}")
     return args
-
-
-# The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
-if __name__ == "__main__":
-    parse_args()
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision.transforms as T
-from torch.utils.data import DataLoader, RandomSampler
-
-import common
-import demo
-import kmeans
 
 
 def release_behaviours(args):
@@ -201,7 +193,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         classes, images = list(range(C)), torch.arange(N, device=image_features.device)
     while len(classes) > t and len(images) >= len(classes):
         R, f = len(classes), image_features[images]  # f [n, D]
-        centres, assign, _ = kmeans.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
+        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
         odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
         # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
@@ -215,7 +207,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         used[order[:avg_size]] = True
         images, classes = images[~used], classes[:i] + classes[i + 1:]
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
-    centres = kmeans.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
+    centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
     if not intersect_low_t:
         return classes, centres
@@ -232,7 +224,7 @@ def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
     test as a full pass). f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
     N, C, dev = len(f), len(W), f.device
     avg_size = N // C
-    c, assign, _ = kmeans.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
+    c, assign, _ = common.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
     S = f @ c.T  # [N, C] cosines (unit centres: the largest is the nearest centre)
     Z = scale * f @ W.T  # [N, C] zero-shot logits; a removed class's column becomes −inf
     sums = torch.zeros_like(c).index_add_(0, assign, f)  # [C, D] cluster sums, kept up to date

@@ -24,7 +24,13 @@ import math
 import sys
 import time
 
-import cli
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+import common
 
 EMB_DIM = 128       # projection-head output
 MOCO_M = 0.999      # key-encoder and prototype EMA momentum
@@ -43,28 +49,28 @@ DEMO_DEFAULTS = dict(arch="narrow", epochs=16, warm_up=8, rampup=6, start_cont=2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_common_args(p)
+    common.add_common_args(p)
     # annotation (step 1)
     p.add_argument("--templates", default="small", choices=["small", "imagenet"],
                    help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
-    p.add_argument("--cand-k", type=cli.positive_int, default=5, help="k for --cand-mode topk / ratio")
+    p.add_argument("--cand-k", type=common.positive_int, default=5, help="k for --cand-mode topk / ratio")
     # networks
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
-    p.add_argument("--image-size", type=cli.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
-    p.add_argument("--queue-size", type=cli.positive_int, default=8192, help="MoCo queue length")
+    p.add_argument("--image-size", type=common.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
+    p.add_argument("--queue-size", type=common.positive_int, default=8192, help="MoCo queue length")
     # method
-    p.add_argument("--warm-up", type=cli.nonneg_int, default=10,
+    p.add_argument("--warm-up", type=common.nonneg_int, default=10,
                    help="partial-CE warm-up epochs; 10 is DivideMix's CIFAR-10 value, chosen for the 100-epoch "
                         "runs (the released code uses 50 for its 800-epoch runs, 100 on CIFAR-100)")
-    p.add_argument("--start-cont", type=cli.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
+    p.add_argument("--start-cont", type=common.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
     p.add_argument("--p-threshold", type=float, default=0.5, help="clean if GMM clean probability w > this")
     p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
-    p.add_argument("--rampup", type=cli.positive_int, default=16,
+    p.add_argument("--rampup", type=common.positive_int, default=16,
                    help="epochs of the linear λ_u ramp-up after warm-up (release: 16; demo: 8)")
     p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
                    help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
@@ -76,26 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--divide", default="co", choices=["co", "self"],
                    help="co: each network trains on the other's division (paper); self: on its own")
     # optimisation
-    p.add_argument("--epochs", type=cli.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
-    p.add_argument("--cosine-epochs", type=cli.positive_int, default=None,
+    p.add_argument("--cosine-epochs", type=common.positive_int, default=None,
                    help="cosine period; default = --epochs (the released code hard-codes 800)")
     if p.parse_args(argv).data == "demo":
         p.set_defaults(**DEMO_DEFAULTS)
     return p.parse_args(argv)
-
-
-# The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
-if __name__ == "__main__":
-    parse_args()
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torchvision.transforms import v2
-
-import common
 
 
 # -----------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-import cli
+import common  # UserError (common imports this module too: names are looked up at call time)
 import demo  # the offline demo world; it imports nothing of ours
-from cli import UserError
+
 
 # `samples` is anything indexable giving a PIL image or an image path.
 
@@ -36,7 +36,7 @@ def seeded_split(n, test_frac, seed):
 
 def _require(path, what, flag="--data-dir"):
     if not Path(path).exists():
-        raise UserError(f"{what} not found at {path}; pass {flag} pointing at it (or --download where supported)")
+        raise common.UserError(f"{what} not found at {path}; pass {flag} pointing at it (or --download where supported)")
 
 
 def _torchvision(cls, root, download, **kw):
@@ -51,9 +51,9 @@ def _torchvision(cls, root, download, **kw):
             import shutil
             for p in (set(root.iterdir()) - before if before is not None else [root]):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            raise UserError(f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
+            raise common.UserError(f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100] if str(e) else ''}); offline, try --data demo") from None
-        raise UserError(f"{cls.__name__} not found under {root}; put it there (torchvision's layout), point "
+        raise common.UserError(f"{cls.__name__} not found under {root}; put it there (torchvision's layout), point "
                         f"--data-dir at its parent folder, or add --download; offline, try --data demo") from None
 
 
@@ -95,7 +95,7 @@ def _folder_samples(root):
     """(paths, labels, classnames) of an ImageFolder-style tree root/<class>/<image>."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist; pass --data-dir PATH to a root/<class>/<image> tree")
+        raise common.UserError(f"image folder {root} does not exist; pass --data-dir PATH to a root/<class>/<image> tree")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     ext = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
     paths, labels = [], []
@@ -104,7 +104,7 @@ def _folder_samples(root):
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     if not paths:
-        raise UserError(f"image folder {root} holds no images in class sub-folders; expected root/<class>/<image>")
+        raise common.UserError(f"image folder {root} holds no images in class sub-folders; expected root/<class>/<image>")
     return paths, torch.tensor(labels), classes
 
 
@@ -201,12 +201,11 @@ DATASETS = {  # name -> loader(root, download) -> ([(train_samples, labels), (te
     "folder": lambda root, download: _split_folder(root), "synthetic": _load_synthetic,
     "demo": lambda root, download: demo.load_demo_dataset(),
 }
-assert sorted(DATASETS) == cli.DATASET_NAMES, "cli.DATASET_NAMES are the --data choices: keep them in step"
 
 
 def load_dataset(name, data_dir="data", download=False):
     """-> (train_samples, train_labels [N], test_samples, test_labels [M], classnames)."""
     if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
+        raise common.UserError(f"unknown dataset '{name}'; choose one of {sorted(DATASETS)}")
     ((train, y_train), (test, y_test)), classnames = DATASETS[name](data_dir, download)
     return train, y_train, test, y_test, list(classnames)

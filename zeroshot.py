@@ -13,24 +13,17 @@ import argparse
 import json
 import time
 
-import cli
+import torch
+
+import common
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_common_args(p)
+    common.add_common_args(p)
     p.add_argument("--templates", default="single", choices=["single", "small", "imagenet"],
                    help="prompt set: 'a photo of a {}.' (FPL/CAP), the 27 small or the 80 ImageNet templates")
     return p.parse_args(argv)
-
-
-# The command line is checked before the slow imports (torch takes 5-17 s): --help and a bad flag answer at once.
-if __name__ == "__main__":
-    parse_args()
-
-import torch
-
-import common
 
 
 def prediction_counts(pred, num_classes):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import common
 import demo
-import kmeans
+import common
 import zeroshot
 
 
@@ -119,7 +119,7 @@ def test_zero_shot_prediction_counts_show_the_confusion_imbalance(zeroshot_run):
 
 def test_mismatched_classes_still_form_their_own_clusters(clip_and_train_features):
     _, _, features, labels = clip_and_train_features
-    _, assign, _ = kmeans.kmeans(features, 10, spherical=True, seed=0, n_init=10)
+    _, assign, _ = common.kmeans(features, 10, spherical=True, seed=0, n_init=10)
     for name in demo.MISMATCHED:
         in_class = assign[labels == demo.CLASSNAMES.index(name)]
         k = torch.bincount(in_class, minlength=10).argmax()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kmeans
+import common
 
 
 def blobs(n_per, centres, std, seed=0):
@@ -38,7 +38,7 @@ def inertia(x, c, assign):
 def test_kmeans_on_two_pairs_of_points_gives_centroids_half_and_ten_and_a_half():
     x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
     for seed in range(5):
-        c, assign, hist = kmeans.kmeans(x, 2, seed=seed)
+        c, assign, hist = common.kmeans(x, 2, seed=seed)
         assert sorted(c.flatten().tolist()) == pytest.approx([0.5, 10.5])
         assert assign[0] == assign[1] != assign[2] == assign[3]
         assert hist[-1] == pytest.approx(1.0)  # 4 points, each 0.5 from its centroid
@@ -48,13 +48,13 @@ def test_kmeans_recovers_well_separated_gaussian_blobs_exactly():
     centres = 20 * torch.eye(5, 8)  # [5, 8], pairwise distance ~28, noise std 1
     x, y = blobs(40, centres, 1.0)
     for seed in range(3):
-        _, assign, _ = kmeans.kmeans(x, 5, seed=seed)
+        _, assign, _ = common.kmeans(x, 5, seed=seed)
         assert same_partition(assign, y)
 
 
 def test_kmeans_inertia_never_increases_and_matches_returned_centroids():
     x = overlapping_data()
-    c, assign, hist = kmeans.kmeans(x, 12, n_iter=50, tol=0.0, seed=0)
+    c, assign, hist = common.kmeans(x, 12, n_iter=50, tol=0.0, seed=0)
     assert len(hist) > 5  # the data really needs several iterations
     for before, after in zip(hist, hist[1:]):
         assert after <= before * (1 + 1e-6)  # Lloyd never increases inertia (float32 round-off allowed)
@@ -65,16 +65,16 @@ def test_kmeans_inertia_never_increases_and_matches_returned_centroids():
 def test_kmeans_rejects_more_clusters_than_points():
     x = torch.arange(5.0)[:, None] * torch.tensor([[1.0, 2.0]])  # 5 distinct points
     with pytest.raises(ValueError, match="k=10"):
-        kmeans.kmeans(x, 10)
+        common.kmeans(x, 10)
     with pytest.raises(ValueError):
-        kmeans.kmeans(x, 6)
+        common.kmeans(x, 6)
     with pytest.raises(ValueError):
-        kmeans.kmeans(x, 0)
+        common.kmeans(x, 0)
 
 
 def test_kmeans_with_as_many_clusters_as_points_puts_each_point_alone():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0], [-2.0, 1.0]])
-    c, assign, hist = kmeans.kmeans(x, 5, seed=0)
+    c, assign, hist = common.kmeans(x, 5, seed=0)
     assert sorted(assign.tolist()) == [0, 1, 2, 3, 4]
     assert torch.allclose(c[assign], x)
     assert hist[-1] == pytest.approx(0.0, abs=1e-5)
@@ -85,7 +85,7 @@ def test_kmeans_with_duplicate_points_gives_no_nan_and_no_zero_centroid(spherica
     distinct = F.normalize(torch.tensor([[1.0, 2.0, 0.5], [-1.0, 0.5, 2.0], [0.3, -2.0, 1.0]]), dim=1)
     x = distinct.repeat_interleave(4, dim=0)  # [12, 3]: 3 distinct points, 4 copies each
     for k in (3, 5, 12):  # up to more clusters than distinct points
-        c, assign, hist = kmeans.kmeans(x, k, seed=1, spherical=spherical)
+        c, assign, hist = common.kmeans(x, k, seed=1, spherical=spherical)
         assert torch.isfinite(c).all() and (c.norm(dim=1) > 0.5).all()
         assert torch.cdist(c, distinct).min(1).values.max() < 1e-5  # every centroid sits on a data point
         assert hist[-1] == pytest.approx(0.0, abs=1e-5)
@@ -96,7 +96,7 @@ def test_kmeans_with_duplicate_points_gives_no_nan_and_no_zero_centroid(spherica
 def test_kmeans_with_all_identical_points_returns_that_point_for_every_centroid(spherical):
     p = F.normalize(torch.tensor([1.0, -2.0, 3.0]), dim=0)
     x = p.repeat(10, 1)  # [10, 3]
-    c, assign, hist = kmeans.kmeans(x, 4, seed=0, spherical=spherical)
+    c, assign, hist = common.kmeans(x, 4, seed=0, spherical=spherical)
     assert torch.isfinite(c).all()
     assert torch.allclose(c, p.expand(4, 3), atol=1e-6)
     assert all(h == pytest.approx(0.0, abs=1e-6) for h in hist)
@@ -108,7 +108,7 @@ def test_empty_cluster_is_reseeded_at_the_farthest_point_not_the_origin():
     assign = torch.tensor([0, 0, 0])
     dist = ((x - c[assign]) ** 2).sum(1)  # [3]; the point at 10 is farthest
     sums, counts = torch.tensor([[13.0], [0.0]]), torch.tensor([3, 0])
-    new = kmeans._update_centroids(x, sums, counts, dist, c, spherical=False)
+    new = common._update_centroids(x, sums, counts, dist, c, spherical=False)
     assert new.flatten().tolist() == pytest.approx([13 / 3, 10.0])
 
 
@@ -119,7 +119,7 @@ def test_plain_kmeans_pp_draws_in_proportion_to_squared_distance():
     x_sq = (x * x).sum(1)
     seconds = []
     for seed in range(900):
-        c = kmeans._kmeans_pp(x, x_sq, 2, torch.Generator().manual_seed(seed), n_trials=1)
+        c = common._kmeans_pp(x, x_sq, 2, torch.Generator().manual_seed(seed), n_trials=1)
         if c[0, 0] == 0:
             seconds.append(c[1, 0].item())
     assert len(seconds) > 200
@@ -138,38 +138,38 @@ def test_greedy_kmeans_pp_puts_one_centre_in_each_well_separated_blob():
     for trials in (1, None):
         misses[trials] = 0
         for seed in range(20):
-            c = kmeans._kmeans_pp(x, x_sq, 20, torch.Generator().manual_seed(seed), n_trials=trials)
+            c = common._kmeans_pp(x, x_sq, 20, torch.Generator().manual_seed(seed), n_trials=trials)
             misses[trials] += 20 - len(set(torch.cdist(c, centres).argmin(1).tolist()))  # blobs left without a centre
     assert misses[None] == 0 and misses[1] > 0, misses
 
 
 def test_kmeans_warm_started_from_a_converged_solution_stays_there():
     x = overlapping_data(seed=3)
-    c, assign, hist = kmeans.kmeans(x, 12, n_iter=100, tol=0.0, seed=0)
-    c2, assign2, hist2 = kmeans.kmeans(x, 12, n_iter=100, tol=0.0, init=c)
+    c, assign, hist = common.kmeans(x, 12, n_iter=100, tol=0.0, seed=0)
+    c2, assign2, hist2 = common.kmeans(x, 12, n_iter=100, tol=0.0, init=c)
     assert torch.equal(assign, assign2) and len(hist2) == 2 and hist2[-1] == pytest.approx(hist[-1], rel=1e-6)
 
 
 def test_kmeans_seeded_on_a_subset_still_recovers_the_blobs():
     centres = 20 * torch.eye(6, 8)
     x, y = blobs(50, centres, 1.0)
-    _, assign, _ = kmeans.kmeans(x, 6, seed=0, seed_rows=60)  # seeding sees 60 of 300 rows
+    _, assign, _ = common.kmeans(x, 6, seed=0, seed_rows=60)  # seeding sees 60 of 300 rows
     assert same_partition(assign, y)
 
 
 def test_kmeans_same_seed_same_output_and_seed_changes_it():
     x = overlapping_data(seed=1)
-    a = kmeans.kmeans(x, 12, seed=3)
-    b = kmeans.kmeans(x, 12, seed=3)
+    a = common.kmeans(x, 12, seed=3)
+    b = common.kmeans(x, 12, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
-    others = [kmeans.kmeans(x, 12, seed=s) for s in (4, 5, 6)]
+    others = [common.kmeans(x, 12, seed=s) for s in (4, 5, 6)]
     assert any(not torch.equal(a[0], o[0]) for o in others)
 
 
 def test_kmeans_result_does_not_depend_on_chunk_size():
     x = overlapping_data(seed=2)
-    a = kmeans.kmeans(x, 12, seed=0, chunk=4096)
-    b = kmeans.kmeans(x, 12, seed=0, chunk=37)  # many chunks, the last one partial
+    a = common.kmeans(x, 12, seed=0, chunk=4096)
+    b = common.kmeans(x, 12, seed=0, chunk=37)  # many chunks, the last one partial
     assert torch.equal(a[1], b[1])
     assert torch.allclose(a[0], b[0], atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_spherical_kmeans_gives_unit_centroids_and_recovers_clusters_on_the_sphe
     directions = F.normalize(torch.randn(4, 32, generator=g), dim=1)  # [4, 32]
     x, y = blobs(30, directions, 0.02, seed=1)
     x = F.normalize(x, dim=1)  # [120, 32] on the unit sphere, cluster radius ~0.11
-    c, assign, _ = kmeans.kmeans(x, 4, seed=0, spherical=True)
+    c, assign, _ = common.kmeans(x, 4, seed=0, spherical=True)
     assert torch.allclose(c.norm(dim=1), torch.ones(4), atol=1e-5)
     assert same_partition(assign, y)
     assert (c @ directions.T).max(1).values.min() > 0.99  # each centroid points at a true direction
@@ -188,7 +188,7 @@ def test_spherical_kmeans_gives_unit_centroids_and_recovers_clusters_on_the_sphe
 def test_kmeans_stops_early_once_assignments_stop_changing():
     centres = 20 * torch.eye(3, 4)
     x, _ = blobs(20, centres, 0.5)
-    _, _, hist = kmeans.kmeans(x, 3, n_iter=100, tol=0.0, seed=0)
+    _, _, hist = common.kmeans(x, 3, n_iter=100, tol=0.0, seed=0)
     assert len(hist) < 10
 
 
