@@ -2,33 +2,32 @@
 Confusion-Aware Calibrated Margin (Wang et al., ICML 2025, arXiv 2505.02056).
 
 CLIP's zero-shot pseudolabels are imbalanced for two reasons, and CAP treats each one:
-  §3.1 concept mismatch: some class names do not match their images at all. Iterative K-Means on
-       the image features removes the best-matched (class, cluster) pair until t classes remain;
-       those that are also among the t least-predicted are "mismatched". An LLM describes each of
-       them; the description nearest the leftover image cluster relabels that class's images.
-  §3.2 concept confusion: a margin matrix M = S ⊙ m, from class similarity S and how rarely each
-       class is predicted, is added to the non-target logits of a margin cross-entropy.
-  §3.3 MaPLe prompt tuning with three residual adapters: the main visual adapter learns from the
-       high-precision pseudolabels D_PL, the pseudo adapter from FixMatch-style pseudolabels on
-       the unlabeled pool, a text adapter from both; all adapters are off at inference.
+  §3.1 concept mismatch (class names that do not match their images): iterative K-Means on the image features
+       removes the best-matched (class, cluster) pair until t classes remain; those also among the t least-predicted
+       are "mismatched", and the LLM description of each nearest a leftover cluster relabels that class's images.
+  §3.2 concept confusion: a margin matrix M = S ⊙ m, from class similarity S and how rarely each class is
+       predicted, is added to the non-target logits of a margin cross-entropy.
+  §3.3 MaPLe prompt tuning with three residual adapters, all off at inference: main visual (on the high-precision
+       pseudolabels D_PL), pseudo (FixMatch-style pseudolabels on the unlabeled pool) and text (both).
 The defaults are the paper's formulas; --as-released switches to the released code's behaviour wherever the
-two differ (RELEASE_BEHAVIOURS, measured one by one in docs/cap.md).
+two differ (RELEASE_BEHAVIOURS; docs/cap.md measures each).
 
     python cap.py --data dtd --mode ul
     python cap.py --data dtd --mode ul --as-released --descriptions descriptions/dtd.json
     python cap.py --data eurosat --mode trzsl --llm-url http://localhost:11434 --llm-model llama3.1
-    python cap.py --data demo --mode ul          # offline demo world, CPU, a few minutes
+    python cap.py --data demo --mode ul          # offline demo world, CPU, under a minute
 """
-import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
+
+import argparse  # noqa: E402
 import functools
-import json
 import math
-import re
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,17 +35,18 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, RandomSampler
 
 import common
-import demo
+import data
 
-# Released per-dataset overrides (docs/cap.md); the demo plants two mismatched classes.
+# Per-dataset values of the release (docs/cap.md); the demo world's CPU-sized budget; ImageNet's fast detection.
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
-                    "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,  # demo: CPU-sized budget
+                    "imagenet": {"detect": "fast", "kmeans_restarts": 1},
+                    "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,
                              "n_main": 32,  # 32 of 300 images per class (the paper's 16 of ~100-1000)
                              "crop_min": 0.5}}  # 32-px patterns whose classes differ by scale (demo.py)
 # Where the released code (Noahwangyuchen/CAP) does something other than the paper's text. The paper's
-# formulas are the default; --as-released turns on all of these, --release a,b some (docs/cap.md measures each).
+# formulas are the default; --as-released turns on all of these, --release a,b some.
 RELEASE_BEHAVIOURS = {
-    "margin": "calibrated margin: S rows rescaled, weight Δ(1−r)/(1+r) (same as --margin-variant code)",
+    "margin": "calibrated margin: S rows rescaled, weight Δ(1−r)/(1+r)",
     "flip": "strong view always flipped (p = 1, not 0.5)",
     "quirk": "initial pseudolabels and detection from the prompt 'a photo of a {}<class>' (f-string slip)",
     "no-low-t": "mismatched classes = Y_final, without ∩ Y_low-t",
@@ -56,104 +56,61 @@ RELEASE_BEHAVIOURS = {
     "trzsl-all": "TRZSL: L_UL pseudolabels over all classes; seen-class predictions count in σ",
     "sigma-repeats": "σ counts every confident prediction of the epoch (an image drawn twice counts twice)",
     "ssl-draw": "SSL shots: numpy reseeded with 0 before each class",
+    "eurosat-pool": "EuroSAT: the test images stay in the unlabeled pool (data.py)",
 }
 RELEASE_PROMPT = "a photo of a {{}}{}"  # .format(name) -> "a photo of a {}name", the release's f"{template}{name}"
-DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image",
-           "flowers102": "flower", "fgvc_aircraft": "aircraft", "cub": "bird", "demo": "synthetic pattern image"}
 
 
 def parse_args(argv=None):
+    """The shared flags (common.add_common_args) and CAP's; a dataset's DATASET_DEFAULTS apply unless typed."""
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
     common.add_common_args(p)
-    p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"], help="setting: ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
+    p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"],
+                   help="setting: ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
-    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes (default ⌈C/10⌉)")
+    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes "
+                   "(default ⌈C/10⌉)")
     p.add_argument("--detect", default="exact", choices=["exact", "fast"],
-                   help="§3.1 removal loop: each K-Means from scratch (paper, release) or warm-started (fast: 1,000 classes)")
+                   help="§3.1 removal loop: each K-Means from scratch (paper) or warm-started (fast: 1,000 classes)")
     p.add_argument("--kmeans-restarts", type=common.positive_int, default=20,
-                   help="§3.1 K-Means seedings kept best of (release: scikit-learn's 10; 20 steadies the demo). "
-                        "At 1,000 classes use --detect fast --kmeans-restarts 1 (48 s on 2 cores; 20 would repeat the first clustering 20 times)")
-    p.add_argument("--n-main", type=common.positive_int, default=None, help="K: initial D_PL images per class (§4.2: 16, Flowers 6; demo: 32)")
+                   help="§3.1 K-Means seedings kept best of (release: scikit-learn's 10; docs/cap.md)")
+    p.add_argument("--n-main", type=common.positive_int, default=16, help="K: initial D_PL images per class (§4.2)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
-    p.add_argument("--n-descriptions", type=common.positive_int, default=5, help="n descriptions per mismatched class (paper: 5)")
+    p.add_argument("--n-descriptions", type=common.positive_int, default=5, help="descriptions per class (paper: 5)")
     p.add_argument("--descriptions", default=None, help="JSON {classname: [descriptions]} used instead of the LLM")
     p.add_argument("--domain", default=None, help="what the images are, for the LLM prompt (e.g. 'texture')")
-    # §3.2 calibrated margin
-    p.add_argument("--margin-scale", type=float, default=12.0, help="margin scale m (paper and release: 12.0)")
-    p.add_argument("--margin-variant", default="paper", choices=["paper", "code"],
-                   help="paper: m_c = m·Δ·δ_c; code: row-rescaled S, weight Δ(1−r)/(1+r) (§4.5)")
-    # §3.3 model and optimisation
-    p.add_argument("--prompt-depth", type=common.positive_int, default=8, help="MaPLe prompt depth, clamped to the model's layers")
-    p.add_argument("--tau", type=float, default=None, help="confidence threshold τ (§4.4: 0.85, Aircraft 0.5)")
-    p.add_argument("--epochs", type=common.positive_int, default=None, help="epochs (§4.7: 50; demo: 10)")
-    p.add_argument("--iters", type=common.positive_int, default=None, help="iterations per epoch (§4.7: 50; demo: 20)")
-    p.add_argument("--crop-min", type=float, default=None,
-                   help="strong view: RandomResizedCrop smallest area fraction (§4.4: 0.08; demo: 0.5)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (§4.7)")
-    p.add_argument("--wd", type=float, default=0.1, help="SGD weight decay (§4.7: 0.1)")
-    p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period in epochs (§4.6: 5)")
-    p.add_argument("--max-main-ratio", type=float, default=None, help="D_PL growth cap ratio (§4.6: 0.8, Aircraft 0.6)")
+    # §3.2 calibrated margin and §3.3 training
+    p.add_argument("--margin-scale", type=common.nonneg_float, default=12.0, help="margin scale m (paper: 12.0)")
+    p.add_argument("--prompt-depth", type=common.positive_int, default=8, help="MaPLe depth (≤ the model's layers)")
+    p.add_argument("--tau", type=common.nonneg_float, default=0.85, help="confidence threshold τ (§4.4)")
+    p.add_argument("--epochs", type=common.positive_int, default=50, help="epochs (§4.7)")
+    p.add_argument("--iters", type=common.positive_int, default=50, help="iterations per epoch (§4.7)")
+    p.add_argument("--batch-size", type=common.positive_int, default=32, help="batch size of each stream (§4.7)")
+    p.add_argument("--crop-min", type=common.positive_float, default=0.08,
+                   help="strong view: RandomResizedCrop's smallest area fraction (§4.4)")
+    p.add_argument("--lr", type=common.positive_float, default=0.01, help="SGD learning rate (§4.7)")
+    p.add_argument("--wd", type=common.nonneg_float, default=0.1, help="SGD weight decay (§4.7)")
+    p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period (§4.6)")
+    p.add_argument("--max-main-ratio", type=common.positive_float, default=0.8, help="D_PL growth cap ratio (§4.6)")
+    # ablations: each switches off one component of the method (all on in the paper; bench/cap_components.sh)
+    for name, what in (("alignment", "§3.1 concept alignment (detection + descriptions)"),
+                       ("margin", "§3.2 calibrated margin (off: plain cross-entropy)"),
+                       ("pseudo", "pseudo adapter (L_UL)"), ("main", "main adapter's D_PL loss (L_PL)"),
+                       ("expansion", "§4.6 D_PL expansion")):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=what)
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
     # the released code (default: the paper's formulas)
-    p.add_argument("--as-released", action="store_true",
-                   help="every behaviour of the released code at once (RELEASE_BEHAVIOURS; docs/cap.md)")
-    p.add_argument("--release", default="", help="comma-separated subset of RELEASE_BEHAVIOURS: "
-                   + ", ".join(RELEASE_BEHAVIOURS))
-    args = p.parse_args(argv)
-    unknown = set(filter(None, args.release.split(","))) - set(RELEASE_BEHAVIOURS)
-    if unknown:
-        p.error(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(RELEASE_BEHAVIOURS)}")
+    p.add_argument("--as-released", action="store_true", help="every behaviour of the released code at once")
+    p.add_argument("--release", default="", help="comma-separated subset of: " + ", ".join(RELEASE_BEHAVIOURS))
+    args = common.parse_args(p, argv, DATASET_DEFAULTS)
+    try:
+        common.release_settings(args, RELEASE_BEHAVIOURS)
+    except common.UserError as e:
+        p.error(str(e))
     return args
-
-
-def release_behaviours(args):
-    """The set of released-code behaviours this run uses (all with --as-released, none by default)."""
-    return set(RELEASE_BEHAVIOURS) if args.as_released else set(filter(None, args.release.split(",")))
-
-
-def resolve(args, key, fallback):
-    """A flag's value, else the released per-dataset value, else the paper default."""
-    value = getattr(args, key)
-    return value if value is not None else DATASET_DEFAULTS.get(args.data, {}).get(key, fallback)
-
-
-# -----------------------------------------------------------------------------
-# §4.1 Settings: which images are labeled and which classes get pseudolabels (docs/cap.md)
-
-def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
-    """SSL: `shots` labeled images per class, drawn without replacement from numpy seeded with `seed` (0 as
-    released): one stream for all classes, or reseeded before each class as the release does. -> idx tensor."""
-    rng, idx = np.random.RandomState(seed), []
-    for c in range(num_classes):
-        rng = np.random.RandomState(seed) if reseed_per_class else rng
-        idx.append(rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False))
-    return torch.as_tensor(np.concatenate(idx))
-
-
-def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
-    """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
-    if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
-        raise common.UserError(f"TRZSL needs at least one seen and one unseen class; {num_classes} classes is too few")
-    rng = np.random.RandomState(split_seed)
-    seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
-    unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
-    return seen, unseen
-
-
-def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
-    """-> (labeled idx, unlabeled idx, pseudolabeled classes, seen classes) for UL, SSL or TRZSL."""
-    all_idx, classes = torch.arange(len(labels)), torch.arange(num_classes)
-    if mode == "ul":
-        return all_idx[:0], all_idx, classes, classes[:0]
-    if mode == "ssl":
-        lab = protocol_ssl(labels, num_classes, reseed_per_class=ssl_reseed)
-        return lab, all_idx[~torch.isin(all_idx, lab)], classes, classes[:0]
-    seen, unseen = protocol_trzsl(num_classes, split_seed)
-    is_seen = torch.isin(labels, seen)
-    return all_idx[is_seen], all_idx[~is_seen], unseen, seen
 
 
 # -----------------------------------------------------------------------------
@@ -172,19 +129,12 @@ def match_log_odds(logits):
     return log_p - log_rest  # [R, R]
 
 
-def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, intersect_low_t=True,
-                    fast=False):
+def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, fast=False):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
-
-    image_features [N, D], text_features [C, D] (L2-normalised), zs_pred [N] zero-shot labels, on any device.
-    Returns (Y_MM = Y_final ∩ Y_low-t as a list of class ids, leftover cluster centres [|Y_final|, D]);
-    intersect_low_t=False returns Y_final itself, as the released notebook does.
-    K-Means keeps the best of n_init seedings (the release used scikit-learn's 10; 20 made the removal order
-    stable over K-Means seeds on the demo world, where 10 failed for 1 seed in 3).
-    fast=True: the paper's loop with each clustering warm-started from the previous one (_removal_loop_fast);
-    fast=False: every clustering from scratch, as the paper and the release do.
-    scale is CLIP's logit scale: the paper's 100 is the learned value of OpenAI's CLIP.
-    """
+    image_features [N, D], text_features [C, D] unit rows, zs_pred [N] zero-shot labels, on any device; scale:
+    CLIP's logit scale. K-Means keeps the best of n_init seedings (release: scikit-learn's 10); fast warm-starts
+    each from the last (_removal_loop_fast), else each starts from scratch as in the paper and the release.
+    -> (Y_MM = Y_final ∩ Y_low-t, or Y_final for zs_pred None as released; leftover centres [|Y_final|, D])"""
     N, C = len(image_features), len(text_features)
     avg_size = N // C
     if fast:
@@ -202,26 +152,27 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         ranked = (pred == i).nonzero().flatten()  # [m]
         ranked = ranked[conf[ranked].argsort(descending=True, stable=True)]
         in_j = assign[ranked] == j  # [m]
-        order = torch.cat([ranked[in_j], ranked[~in_j]])
         used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
-        used[order[:avg_size]] = True
+        used[torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]] = True
         images, classes = images[~used], classes[:i] + classes[i + 1:]
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
     centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
-    if not intersect_low_t:
-        return classes, centres
-    counts = torch.bincount(zs_pred, minlength=C)  # [C]
-    low_t = set(counts.argsort(stable=True)[:t].tolist())  # the t least-predicted classes (Y_low-t)
-    return [c for c in classes if c in low_t], centres
+    return (classes if zs_pred is None else intersect_low_t(classes, zs_pred, t, C)), centres
+
+
+def intersect_low_t(final, zs_pred, t, num_classes):
+    """Y_MM = Y_final ∩ Y_low-t, Y_low-t the t classes zero-shot predicts least (zs_pred [N]). -> class ids"""
+    counts = torch.bincount(zs_pred, minlength=num_classes)  # [C]
+    low_t = set(counts.argsort(stable=True)[:t].tolist())  # Y_low-t
+    return [c for c in final if c in low_t]
 
 
 def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
-    """detect_mismatch's loop, fast: one K-Means from scratch, then each next clustering starts from the previous
-    centres minus the removed one. When one class's images leave a converged clustering, few points change
-    cluster, so Lloyd runs on what changed: image-centre cosines S and zero-shot logits Z are kept for every
-    image and only the columns of moved centres are recomputed. Lloyd still runs to convergence (same fixed-point
-    test as a full pass). f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
+    """detect_mismatch's loop with each clustering warm-started from the previous centres minus the removed one.
+    Few images change cluster when one class's images leave, so Lloyd (run to convergence, the same fixed-point
+    test as a full pass) recomputes only the moved centres' columns of the image-centre cosines S and zero-shot
+    logits Z, kept for every image. f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
     N, C, dev = len(f), len(W), f.device
     avg_size = N // C
     c, assign, _ = common.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
@@ -254,13 +205,15 @@ def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
         counts += torch.bincount(to, minlength=C)
         assign[orphans] = to
         changed = torch.cat([assign[used], to]).unique()
-        _warm_lloyd(f, alive, c, S, assign, sums, counts, changed[changed != cj], max_iter)
+        _warm_lloyd(f, alive, (c, S, assign, sums, counts), changed[changed != cj], max_iter)
     return classes, alive.nonzero().flatten()
 
 
-def _warm_lloyd(f, alive, c, S, assign, sums, counts, changed, max_iter):
-    """Spherical Lloyd from a warm start, in place, touching only what moved. changed [M]: clusters whose
-    members changed. A point can change cluster only if its own centre moved or a moved centre now beats it."""
+def _warm_lloyd(f, alive, state, changed, max_iter):
+    """Spherical Lloyd from a warm start, in place on state = (centres c [K, D], cosines S [N, K], assign [N],
+    sums [K, D], counts [K]), touching only what moved. changed [M]: clusters whose members changed; a point can
+    change cluster only if its own centre moved or a moved centre now beats it."""
+    c, S, assign, sums, counts = state
     for _ in range(max_iter):
         if not len(changed):
             return
@@ -284,97 +237,39 @@ def _warm_lloyd(f, alive, c, S, assign, sums, counts, changed, max_iter):
 
 
 # -----------------------------------------------------------------------------
-# §3.1 Class descriptions from an LLM (the request itself is common.llm_complete)
-
-# The paper does not publish its prompt; this one is ours.
-DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
-                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
-
-
-def parse_descriptions(text):
-    """Reply -> descriptions, from a JSON array or numbered/bulleted lines (other lines ignored; with no
-    list markers at all, every non-empty line counts). Stripped, de-duplicated ignoring case, no empties."""
-    body = re.sub(r"^```\w*|```$", "", text.strip()).strip()  # a markdown code fence around the answer
-    try:
-        items = json.loads(body)
-        items = [str(s) for s in items] if isinstance(items, list) else [body]
-    except ValueError:
-        lines = [l.strip() for l in body.splitlines() if l.strip()]
-        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
-    return _dedupe(s.strip().strip("\"'").strip() for s in items)
-
-
-def _dedupe(items):
-    """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
-    out = {}
-    for s in items:
-        if s:
-            out.setdefault(s.lower(), s)
-    return list(out.values())
-
-
-def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
-    """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class; when the server sends several
-    choices their lists are merged in order. kw goes to llm_complete (timeout, retries, temperature, ...)."""
-    out = {}
-    for name in classnames:
-        article = "an" if domain[:1].lower() in "aeiou" else "a"
-        prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
-        replies = common.llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
-        out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
-    return out
-
-
-def load_descriptions(path):
-    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise common.UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise common.UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, not a {type(data).__name__}")
-    out = {}
-    for name, v in data.items():
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise common.UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
-        out[name] = [s.strip() for s in v if s.strip()]
-    return out
-
+# §3.1 Class descriptions (the LLM request and its parsing: common.describe_classes)
 
 def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None,
                        shipped=None):
     """Where descriptions come from, first match wins: (1) --descriptions FILE; (2) the LLM at --llm-url;
-    (3) `shipped` (the demo's own answers), also when the LLM fails; (4) nothing: one warning, and the method
-    goes on with class-name prompts. -> {classname: [descriptions]}"""
+    (3) `shipped` (a dataset's own answers, data.shipped_descriptions), also when the LLM fails; (4) nothing:
+    one warning, and the method goes on with class-name prompts. -> ({classname: [descriptions]}, source)"""
     if descriptions_file:
-        found = load_descriptions(descriptions_file)  # may describe more classes than those asked for
+        found = common.load_descriptions(descriptions_file)  # may describe more classes than those asked for
         missing = [c for c in classnames if not found.get(c)]
         if missing:
             print(f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
                   file=sys.stderr)
-        return {c: d for c, d in found.items() if c in classnames and d}
+        return {c: d for c, d in found.items() if c in classnames and d}, f"file {descriptions_file}"
     why = "no --llm-url/--llm-model (an OpenAI-compatible server) and no --descriptions FILE"
     if url:
         if not model:
             raise common.UserError("--llm-url needs --llm-model (the model name the server serves)")
         try:
-            return describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
+            found = common.describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
+            return found, f"llm {model}"
         except common.LLMError as e:
             why = f"the LLM failed: {e}"
     if shipped is not None:
         print(f"note: using the shipped descriptions ({why})", file=sys.stderr)
-        return {c: shipped[c] for c in classnames if shipped.get(c)}
+        return {c: shipped[c] for c in classnames if shipped.get(c)}, "shipped"
     print(f"warning: no class descriptions ({why}); going on with class-name prompts", file=sys.stderr)
-    return {}
+    return {}, "none"
 
 
 def choose_descriptions(desc_features, centres):
-    """Keep, per mismatched class, the description nearest a leftover cluster centre (§3.1).
-
-    desc_features {class: [n, D]}, centres [R, D]. Clusters are taken greedily, one per class,
-    best (description, cluster) cosine first. -> {class: (description index, cluster index)}
-    """
+    """Per mismatched class, the description nearest a leftover cluster centre (§3.1); clusters go greedily, one
+    per class, best cosine first. desc_features {class: [n, D]}, centres [R, D]. -> {class: (description, cluster)}"""
     cand = sorted(((float(f[i] @ centres[j]), c, i, j) for c, f in desc_features.items()
                    for i in range(len(f)) for j in range(len(centres))), reverse=True)
     chosen, taken = {}, set()
@@ -397,11 +292,10 @@ def initial_pseudolabels(probs, classes, K):
 
 
 def streaming_leaderboard(probs, classes, K):
-    """Initial D_PL as released (FPL's leaderboard). Images arrive in pool order. An image joins the board
-    of its predicted class if that board has room or it beats the board's last entry (the lowest one is
-    dropped, never re-offered). Otherwise it is offered to every other class by decreasing probability and
-    joins each board that has room or whose last entry it beats, so one image may sit on several boards.
-    Appending to a board with room does not re-sort it, as released. -> {class: idx [≤K]}"""
+    """Initial D_PL as released (FPL's leaderboard). Images arrive in pool order and join the board of their
+    predicted class if it has room or they beat its last entry (which drops out, never re-offered); otherwise
+    they are offered to every other class by decreasing probability, joining each board with room or whose last
+    entry they beat (so one image may sit on several). Appending with room does not re-sort. -> {class: idx [≤K]}"""
     cols = classes.tolist()
     boards = {c: [] for c in cols}
     for n, row in enumerate(probs[:, classes].tolist()):  # row [C'] over the pseudolabeled classes
@@ -430,6 +324,7 @@ def align_pseudolabels(dpl, image_features, description_features, K, ids=None):
 
 
 def dpl_accuracy(dpl, labels):
+    """Fraction of D_PL's pseudolabels {class: idx} that match the true labels."""
     idx, y = flatten(dpl)
     return common.accuracy(y, labels[idx])
 
@@ -438,9 +333,8 @@ def dpl_accuracy(dpl, labels):
 # §3.3 Model: MaPLe multimodal prompts on a frozen open_clip ViT, plus three residual adapters
 
 def build_maple(model, tokenizer, classnames, depth, n_ctx=2, ctx_init="a photo of a"):
-    """MaPLe prompt learner (as released): n_ctx text context tokens initialised from ctx_init,
-    coupled to vision prompts by Linear(text width → vision width), plus depth−1 deep prompt pairs.
-    Returns (learner: trainable ModuleDict, tokens [C, L] of "ctx_init <class>.")."""
+    """MaPLe prompt learner (as released): n_ctx text context tokens initialised from ctx_init, coupled to vision
+    prompts by Linear(text width → vision width), and depth−1 deep prompt pairs. -> (learner, tokens [C, L])"""
     w_txt, w_vis = model.token_embedding.embedding_dim, model.visual.conv1.out_channels
     depth = max(1, min(depth, len(model.transformer.resblocks), len(model.visual.transformer.resblocks)))
     with torch.no_grad():
@@ -479,8 +373,8 @@ def encode_text_maple(model, learner, tokens):
 
 def encode_image_maple(model, learner, images):
     """Vision encoder with n_ctx prompt tokens appended after the patches, replaced at deep layers. -> [B, D]
-    The shallow prompts join before ln_pre, as in the release (open_clip's own _embeds ends with ln_pre;
-    its patch dropout is inactive in eval mode and left out)."""
+    The shallow prompts join before ln_pre as released (open_clip's _embeds ends with ln_pre; its patch dropout,
+    off in eval mode, is left out)."""
     visual = model.visual
     shallow, deep = vision_prompts(learner)
     x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv] patch embeddings
@@ -516,16 +410,14 @@ def class_similarity(text_features, prototypes):
     return torch.maximum(text_features @ text_features.T, prototypes @ prototypes.T)  # [C, C]
 
 
-def calibrated_margin(S, sigma, m, variant="paper"):
+def calibrated_margin(S, sigma, m, as_released=False):
     """Margin matrix M [C, C] from similarity S [C, C] and prediction counts σ [C] (§3.2).
-
-    paper: δ_c = 1 − σ(c)/max σ, Δ = max δ, m_c = m·Δ·δ_c, M_yc = m_y·S_yc.
-    code:  S rows rescaled onto [min_i, 1], r = σ/max σ, Δ = (max r − min r)·m, M_yc = Δ(1−r_y)/(1+r_y)·S_yc.
-    """
+    paper:    δ_c = 1 − σ(c)/max σ, Δ = max δ, m_c = m·Δ·δ_c, M_yc = m_y·S_yc.
+    released: S rows rescaled onto [min_i, 1], r = σ/max σ, Δ = (max r − min r)·m, M_yc = Δ(1−r_y)/(1+r_y)·S_yc."""
     if sigma.max() <= 0:  # nothing confidently predicted yet: no margin
         return torch.zeros_like(S)
     r = sigma.float() / sigma.max()  # [C]
-    if variant == "paper":
+    if not as_released:
         delta = 1 - r
         return (m * delta.max() * delta)[:, None] * S
     lo, hi = S.min(1, keepdim=True).values, S.max(1, keepdim=True).values
@@ -557,6 +449,7 @@ def strong_view(size, normalize, crop_min=0.08, flip_p=0.5):
 
 
 def two_views(img, weak, strong):
+    """(weak view, strong view) of one image, for L_UL."""
     return weak(img), strong(img)
 
 
@@ -581,13 +474,13 @@ def flatten(dpl):
 
 
 @torch.no_grad()
-def class_prototypes(model, learner, adapters, dataset, labels, text_features, device, batch_size=256):
+def class_prototypes(tr, dataset, labels, text_features, batch_size=256):
     """v̄_c: mean main-adapter feature of each class's D_PL images, L2-normalised; text if a class has none."""
     C, D = text_features.shape
     sums = torch.zeros(C, D)
     for x, _, i in DataLoader(dataset, batch_size=batch_size):
-        with common.autocast(device):
-            v = adapt(adapters["main"], encode_image_maple(model, learner, x.to(device)))
+        with common.autocast(tr.device):
+            v = adapt(tr.adapters["main"], encode_image_maple(tr.model, tr.learner, x.to(tr.device)))
         sums.index_add_(0, labels[i], v.float().cpu())
     empty = sums.norm(dim=1) == 0
     sums[empty] = text_features[empty]
@@ -595,12 +488,9 @@ def class_prototypes(model, learner, adapters, dataset, labels, text_features, d
 
 
 def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
-    """D_PL expansion (§4.6): k_e = K + ⌊(min(1000, ⌊⌊|U|/C'⌋·ratio⌋) − K)·min(1, e / 0.7E)⌋ per class.
-
-    seen_pl: {pool index: (class, confidence)} of last epoch's confident predictions. As released, a class
-    takes its top-k_e new images (not already in D_PL) by confidence first, then tops up with its old
-    entries in their order, so old entries drop out once there are k_e new ones.
-    """
+    """D_PL expansion (§4.6): k_e = K + ⌊(min(1000, ⌊⌊|U|/C'⌋·ratio⌋) − K)·min(1, e / 0.7E)⌋ per class, from
+    seen_pl {pool index: (class, confidence)}. As released, a class takes its top-k_e new images by confidence,
+    then tops up with its old entries in order, so old entries drop out once there are k_e new ones."""
     k_max = min(1000, int(pool_size // len(dpl) * ratio))
     k_e = n_main + int((k_max - n_main) * min(1.0, epoch / (0.7 * epochs)))
     taken = set(torch.cat(list(dpl.values())).tolist())
@@ -613,10 +503,9 @@ def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
 
 
 def prediction_counts(seen_pl, counts, seen, repeats=False):
-    """σ [C] for the margin (§3.2): confident predictions per class in the last epoch, one per image (the
-    paper: "samples"), or every prediction, an image drawn twice counting twice (release). Classes never
-    pseudolabeled count too (TRZSL as released: seen classes, which raise max σ). Seen classes are then
-    set to max σ: r = 1, no margin, as released."""
+    """σ [C] for the margin (§3.2): last epoch's confident predictions per class, one per image (paper:
+    "samples"), or all of them, an image drawn twice counting twice (release). Never-pseudolabeled classes count
+    too (TRZSL as released); seen classes are then set to max σ: r = 1, no margin, as released."""
     sigma = counts.clone() if repeats else \
         torch.bincount(torch.tensor([c for c, _ in seen_pl.values()], dtype=torch.long), minlength=len(counts)).float()
     sigma[seen] = sigma.max()
@@ -632,45 +521,50 @@ def weak_pseudolabels(logits_w, classes, tau):
     return conf, y_hat, (conf > tau).float()
 
 
-def train_epoch(model, learner, adapters, opt, sched, scaler, batches, M, tau, ul_classes, device, iters, quiet, scale):
-    """One epoch of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>. Returns stats (loss parts, counts [C] of
-    every confident prediction) and {pool position: (class, confidence)}, the most confident per image."""
-    M = M.to(device)
+def train_step(tr, M):
+    """One iteration of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>, on tr (training_state).
+    -> (losses, conf, ŷ, mask, y_u, pool positions)"""
+    dev, s = tr.device, tr.scale
+    x_m, y_m, _ = next(tr.batches["main"])
+    (x_w, x_s), y_u, u_pos = next(tr.batches["unlabeled"])
+    x_l, y_l, _ = next(tr.batches["labeled"]) if "labeled" in tr.batches else (x_m[:0], y_m[:0], None)
+    with common.autocast(dev):
+        t = adapt(tr.adapters["text"], encode_text_maple(tr.model, tr.learner, tr.tokens))  # [C, D]
+        with torch.no_grad():  # pseudolabels from the main adapter on the weak view
+            v_w = adapt(tr.adapters["main"], encode_image_maple(tr.model, tr.learner, x_w.to(dev)))
+            conf, y_hat, mask = weak_pseudolabels(s * v_w @ t.T, tr.ul_classes, tr.tau)  # [B] each
+        v = encode_image_maple(tr.model, tr.learner, torch.cat([x_m, x_l, x_s]).to(dev))  # one pass, 3 views
+        n_m, n_l = len(x_m), len(x_l)
+        v_m = adapt(tr.adapters["main"], v[:n_m + n_l])  # main adapter: D_PL and labeled images
+        v_p = adapt(tr.adapters["pseudo"], v[n_m + n_l:])  # pseudo adapter: strong view of unlabeled
+        logits, y = s * v_m @ t.T, torch.cat([y_m, y_l]).to(dev)
+        loss_pl = margin_cross_entropy(logits[:n_m], y[:n_m], M)
+        loss_l = margin_cross_entropy(logits[n_m:], y[n_m:], M) if n_l else logits.sum() * 0
+        loss_u = fixmatch_loss(s * v_p @ t.T, y_hat, mask, M)
+    tr.opt.zero_grad(set_to_none=True)
+    w_pl, w_ul = float(tr.use_main), float(tr.use_pseudo)  # 1, or 0 in the ablations --no-main / --no-pseudo
+    tr.scaler.scale(w_pl * loss_pl + w_ul * loss_u + loss_l).backward()  # fp16 on CUDA: scaled, small gradients survive
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
+    tr.sched.step()
+    return (w_pl * loss_pl.item(), w_ul * loss_u.item(), loss_l.item()), conf.cpu(), y_hat.cpu(), mask.cpu(), y_u, u_pos
+
+
+def train_epoch(tr, M, iters, quiet):
+    """One epoch. -> stats (mean loss parts, mask rate, pl-acc counts, counts [C] of every confident prediction)
+    and {pool position: (class, confidence)}, each image's most confident prediction of the epoch."""
     stats, seen_pl = {"pl": 0.0, "ul": 0.0, "l": 0.0, "mask": 0.0, "hit": 0, "n_conf": 0}, {}
-    stats["counts"] = torch.zeros(M.shape[0])
+    stats["counts"], M = torch.zeros(M.shape[0]), M.to(tr.device)
     for _ in common.progress(range(iters), "train", quiet):
-        x_m, y_m, _ = next(batches["main"])
-        (x_w, x_s), y_u, u_pos = next(batches["unlabeled"])
-        x_l, y_l, _ = next(batches["labeled"]) if "labeled" in batches else (x_m[:0], y_m[:0], None)
-        with common.autocast(device):
-            t = adapt(adapters["text"], encode_text_maple(model, learner, batches["tokens"]))  # [C, D]
-            with torch.no_grad():  # pseudolabels from the main adapter on the weak view
-                v_w = adapt(adapters["main"], encode_image_maple(model, learner, x_w.to(device)))
-                conf, y_hat, mask = weak_pseudolabels(scale * v_w @ t.T, ul_classes, tau)  # [B] each
-            v = encode_image_maple(model, learner, torch.cat([x_m, x_l, x_s]).to(device))  # one pass, 3 views
-            n_m, n_l = len(x_m), len(x_l)
-            v_m = adapt(adapters["main"], v[:n_m + n_l])  # main adapter: D_PL and labeled images
-            v_p = adapt(adapters["pseudo"], v[n_m + n_l:])  # pseudo adapter: strong view of unlabeled
-            logits = scale * v_m @ t.T
-            y = torch.cat([y_m, y_l]).to(device)
-            loss_pl = margin_cross_entropy(logits[:n_m], y[:n_m], M)
-            loss_l = margin_cross_entropy(logits[n_m:], y[n_m:], M) if n_l else logits.sum() * 0
-            loss_u = fixmatch_loss(scale * v_p @ t.T, y_hat, mask, M)
-            loss = loss_pl + loss_u + loss_l
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # fp16 on CUDA: scaled, so small prompt gradients do not underflow
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        keep = mask.bool().cpu()
-        stats["counts"] += torch.bincount(y_hat.cpu()[keep], minlength=M.shape[0]).float()
-        for pos, c, p in zip(u_pos[keep].tolist(), y_hat.cpu()[keep].tolist(), conf.cpu()[keep].tolist()):
+        losses, conf, y_hat, mask, y_u, u_pos = train_step(tr, M)
+        keep = mask.bool()
+        stats["counts"] += torch.bincount(y_hat[keep], minlength=M.shape[0]).float()
+        for pos, c, p in zip(u_pos[keep].tolist(), y_hat[keep].tolist(), conf[keep].tolist()):
             seen_pl[pos] = max(seen_pl.get(pos, (c, p)), (c, p), key=lambda cp: cp[1])
-        stats["pl"] += loss_pl.item() / iters
-        stats["ul"] += loss_u.item() / iters
-        stats["l"] += loss_l.item() / iters
+        for key, v in zip(("pl", "ul", "l"), losses):
+            stats[key] += v / iters
         stats["mask"] += mask.mean().item() / iters
-        stats["hit"] += (y_hat.cpu()[keep] == y_u[keep]).sum().item()
+        stats["hit"] += (y_hat[keep] == y_u[keep]).sum().item()
         stats["n_conf"] += int(keep.sum())
     return stats, seen_pl
 
@@ -698,157 +592,181 @@ def test_metrics(pred, labels, seen):
     return out
 
 
-def cosine_with_warmup(opt, warmup, total):
-    """Linear warm-up for `warmup` iterations, then cosine to 0, stepped per iteration (§4.7)."""
-    f = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
 # -----------------------------------------------------------------------------
 # main: the steps in paper order
 
-def described_classes(args, classnames, pseudo_classes, mismatched, release):
-    """Which classes get a description: the detected ones (paper), or, as released, those the --descriptions
-    file names (the release hard-codes its described classes per dataset), detected or not."""
-    if "described" not in release or not args.descriptions:
-        return mismatched
-    named = load_descriptions(args.descriptions)
-    return [c for c in pseudo_classes.tolist() if named.get(classnames[c])]
+def zero_shot(d, pseudo_classes, seen, quirk, device):
+    """Zero-shot CLIP with 'a photo of a {}.' (the baseline) and the pseudolabel softmax over the pseudolabeled
+    classes, from the release's prompt with quirk. -> (test metrics, probs [N, C], W [C, D], W_pl [C, D])"""
+    W = common.zero_shot_weights(d.model, d.tokenizer, d.classnames, common.TEMPLATES_SINGLE, device).cpu()
+    W_pl = W if not quirk else common.zero_shot_weights(d.model, d.tokenizer, d.classnames, [RELEASE_PROMPT],
+                                                          device).cpu()  # [C, D]
+    not_pl = torch.ones(len(d.classnames), dtype=torch.bool)
+    not_pl[pseudo_classes] = False  # TRZSL: the softmax covers the unseen classes only
+    probs = (d.scale * d.f_train @ W_pl.T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
+    return test_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W, W_pl
 
 
-def concept_alignment(args, d, U, pseudo_classes, probs, n_main, device, release):
+def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
     """§3.1 end to end: D_PL, mismatch detection, LLM descriptions, relabelled D_PL. -> (dpl, report)
-    probs [N, C] and d["W_pl"] [C, D] come from the pseudolabel prompt (the release's quirk changes it)."""
-    f_u, classnames = d["f_train"][U], d["classnames"]
-    initial = streaming_leaderboard if "leaderboard" in release else initial_pseudolabels
-    dpl = {c: U[i] for c, i in initial(probs[U], pseudo_classes, n_main).items()}  # pool indices
-    report = {"dpl_acc_before_alignment": dpl_accuracy(dpl, d["y_train"])}
-    t = resolve(args, "mismatch_t", math.ceil(len(pseudo_classes) / 10))
+    probs [N, C] and W_pl [C, D] come from the pseudolabel prompt (the release's quirk changes it)."""
+    f_u, names = d.f_train[U], d.classnames
+    initial = streaming_leaderboard if rel.leaderboard else initial_pseudolabels
+    dpl = {c: U[i] for c, i in initial(probs[U], pseudo_classes, args.n_main).items()}  # pool indices
+    report = {"initial_dpl": {names[c]: v.tolist() for c, v in dpl.items()},
+              "dpl_acc_before_alignment": dpl_accuracy(dpl, d.y_train)}
+    t = args.mismatch_t if args.mismatch_t is not None else math.ceil(len(pseudo_classes) / 10)
     zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
-    mm_local, centres = detect_mismatch(f_u, d["W_pl"][pseudo_classes], zs_local, t, seed=args.seed, scale=d["scale"],
-                                        n_init=args.kmeans_restarts, intersect_low_t="no-low-t" not in release,
+    if not args.alignment:
+        report.update(mismatched_classes=[], descriptions_source="off", chosen_descriptions={},
+                      dpl_acc_after_alignment=report["dpl_acc_before_alignment"], aligned_dpl=report["initial_dpl"])
+        return dpl, report
+    mm_local, centres = detect_mismatch(f_u, W_pl[pseudo_classes], None if rel.no_low_t else zs_local, t,
+                                        seed=args.seed, scale=d.scale, n_init=args.kmeans_restarts,
                                         fast=args.detect == "fast")
     mismatched = [pseudo_classes[i].item() for i in mm_local]
-    print(f"mismatch detection (t={t}): {[classnames[c] for c in mismatched] or 'none'}")
-    described = described_classes(args, classnames, pseudo_classes, mismatched, release)
-    shipped = demo.DESCRIPTIONS if args.data == "demo" else None  # the demo ships its "LLM" answers
-    descriptions = {} if not described else class_descriptions(
-        [classnames[c] for c in described], args.domain or DOMAINS.get(args.data, "object"), args.n_descriptions,
+    print(f"mismatch detection (t={t}): {[names[c] for c in mismatched] or 'none'}")
+    described = mismatched if not (rel.described and args.descriptions) else \
+        [c for c in pseudo_classes.tolist() if common.load_descriptions(args.descriptions).get(names[c])]
+    descriptions, source = class_descriptions(
+        [names[c] for c in described], args.domain or data.DOMAINS.get(args.data, "object"), args.n_descriptions,
         url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
-        shipped=shipped)
-    desc_feats = {c: common.zero_shot_weights(d["model"], d["tokenizer"], descriptions[classnames[c]], ["{}"], device).cpu()
-                  for c in described if descriptions.get(classnames[c])}  # bare sentences, no template
+        shipped=data.shipped_descriptions(args.data)) if described else ({}, "none")
+    desc_feats = {c: common.zero_shot_weights(d.model, d.tokenizer, descriptions[names[c]], ["{}"], device).cpu()
+                  for c in described if descriptions.get(names[c])}  # bare sentences, no template
     chosen = choose_descriptions(desc_feats, centres)
     chosen.update({c: (0, None) for c in desc_feats if c not in chosen})  # no leftover cluster: the first one
-    feats, ids = (d["f_train"], torch.arange(len(d["f_train"]))) if "desc-all" in release else (f_u, U)
-    dpl = align_pseudolabels(dpl, feats, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, n_main, ids)
-    report.update(mismatched_classes=[classnames[c] for c in mismatched],
-                  chosen_descriptions={classnames[c]: descriptions[classnames[c]][i] for c, (i, _) in chosen.items()},
-                  dpl_acc_after_alignment=dpl_accuracy(dpl, d["y_train"]))
+    feats, ids = (d.f_train, torch.arange(len(d.f_train))) if rel.desc_all else (f_u, U)
+    dpl = align_pseudolabels(dpl, feats, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, args.n_main, ids)
+    report.update(mismatched_classes=[names[c] for c in mismatched], descriptions_source=source,
+                  chosen_descriptions={names[c]: descriptions[names[c]][i] for c, (i, _) in chosen.items()},
+                  dpl_acc_after_alignment=dpl_accuracy(dpl, d.y_train),
+                  aligned_dpl={names[c]: v.tolist() for c, v in dpl.items()})
     for name, text in report["chosen_descriptions"].items():
         print(f"  {name}: '{text}'")
     return dpl, report
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    start, config = time.time(), vars(args).copy()
-    print(json.dumps(config))
-    release = release_behaviours(args)  # the released code's behaviours in use (none: the paper's formulas)
-    device = common.get_device(args.device)
-    if args.eval_only and not args.checkpoint:
-        raise common.UserError("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
-    d = common.prepare(args, device)
-    common.set_seed(args.seed)  # after encoding: a cache hit must not change the random stream
-    classnames, y_train, y_test = d["classnames"], d["y_train"], d["y_test"]
-    C, model, preprocess = len(classnames), d["model"].requires_grad_(False), d["preprocess"]
-    L, U, pseudo_classes, seen = split_setting(args.mode, y_train, C, args.split_seed, "ssl-draw" in release)
-    out_dir = Path(args.out_dir or f"runs/cap-{args.data}-{args.mode}-seed{args.seed}")
-    tau, n_main = resolve(args, "tau", 0.85), resolve(args, "n_main", 16)
-    epochs, iters = resolve(args, "epochs", 50), resolve(args, "iters", 50)
-
-    # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels.
-    # Logits are CLIP's own scale·cos: 100 for OpenAI's CLIP (the paper's constant), learned for the demo CLIP.
-    scale = d["scale"] = model.logit_scale.exp().item()
-    d["W"] = common.zero_shot_weights(model, d["tokenizer"], classnames, common.TEMPLATES_SINGLE, device).cpu()
-    d["W_pl"] = d["W"] if "quirk" not in release else \
-        common.zero_shot_weights(model, d["tokenizer"], classnames, [RELEASE_PROMPT], device).cpu()  # [C, D]
-    not_pl = torch.ones(C, dtype=torch.bool)
-    not_pl[pseudo_classes] = False  # TRZSL: seen classes; as released, the softmax covers the unseen ones only
-    probs = (scale * d["f_train"] @ d["W_pl"].T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
-    zs = test_metrics((d["f_test"] @ d["W"].T).argmax(1), y_test, seen)
-    learner, tokens = build_maple(model.cpu(), d["tokenizer"], classnames, args.prompt_depth)
-    model, learner, tokens = model.to(device), learner.to(device), tokens.to(device)
-    test_set = common.ImageList(d["test"], y_test, preprocess)
-    if args.eval_only:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        learner.load_state_dict(ckpt["learner"])
-        metrics = test_metrics(evaluate(model, learner, tokens, test_set, device), y_test, seen)
-        print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} | zero-shot {100 * zs['test_acc']:.2f}")
-        return metrics
-
-    # §3.1 concept alignment -> high-precision pseudolabels D_PL
-    dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, n_main, device, release)
-
-    # §3.3 model, data streams and optimiser
-    adapters = build_adapters(d["W"].shape[1]).to(device)
-    opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    sched = cosine_with_warmup(opt, iters, epochs * iters)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    bs = args.batch_size or 32
-    strong = strong_view(model.visual.image_size[0], preprocess.transforms[-1], resolve(args, "crop_min", 0.08),
-                         flip_p=1.0 if "flip" in release else 0.5)
-    pair = functools.partial(two_views, weak=preprocess, strong=strong)
-    batches = {"tokens": tokens, "unlabeled": forever(subset(d["train"], y_train[U], U, pair), bs, args.seed, args.workers)}
+def data_streams(args, d, rel, L, U):
+    """Endless batches of the unlabeled pool U (weak and strong views) and of the labeled images L, if any."""
+    strong = strong_view(d.model.visual.image_size[0], d.preprocess.transforms[-1], args.crop_min,
+                         flip_p=1.0 if rel.flip else 0.5)
+    pair = functools.partial(two_views, weak=d.preprocess, strong=strong)
+    batches = {"unlabeled": forever(subset(d.train, d.y_train[U], U, pair), args.batch_size, args.seed, args.workers)}
     if len(L):
-        batches["labeled"] = forever(subset(d["train"], y_train[L], L, preprocess), bs, args.seed + 1, args.workers)
-    proto_extra = {c.item(): L[y_train[L] == c][:n_main] for c in seen}  # TRZSL: labeled seen images (§4.2)
-    ul_classes = torch.arange(C) if "trzsl-all" in release else pseudo_classes  # what L_UL may pseudolabel
-    margin_variant = "code" if "margin" in release else args.margin_variant
+        batches["labeled"] = forever(subset(d.train, d.y_train[L], L, d.preprocess), args.batch_size, args.seed + 1,
+                                     args.workers)
+    return batches
 
+
+def training_state(args, d, learner, tokens, batches, ul_classes, U, device):
+    """§3.3 adapters, SGD, warm-up + cosine schedule (per iteration) and grad scaler, with what train_step reads."""
+    adapters = build_adapters(d.f_train.shape[1]).to(device)
+    opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9,
+                          weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine(s, args.epochs * args.iters, args.iters))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    return SimpleNamespace(model=d.model, learner=learner, adapters=adapters, opt=opt, sched=sched, scaler=scaler,
+                           batches=batches, tokens=tokens, device=device, scale=d.scale, tau=args.tau,
+                           ul_classes=ul_classes.to(device), unlabeled_pool=U, use_main=args.main,
+                           use_pseudo=args.pseudo)
+
+
+def train(args, d, rel, tr, dpl, extra_protos, seen, expansions):
+    """§3.2-§3.3 the epochs: margin M rebuilt each epoch from σ and S, then one epoch, then D_PL expansion.
+    expansions collects D_PL after each expansion. -> (dpl, stats of the last epoch, its pl-acc)"""
+    C, U = len(d.classnames), tr.unlabeled_pool
     M, sigma = torch.zeros(C, C), torch.zeros(C)
-    for epoch in range(epochs):
+    for epoch in range(args.epochs):
         t0 = time.time()
         idx, y_pl = flatten(dpl)
-        main_set = subset(d["train"], y_pl, idx, preprocess)
-        batches["main"] = forever(main_set, bs, args.seed + 2 + epoch, args.workers)
-        if epoch > 0:  # §3.2: M rebuilt at the start of every epoch, zero in epoch 0
-            with torch.no_grad(), common.autocast(device):
-                t_plain = encode_text_maple(model, learner, tokens).float().cpu()  # [C, D], no adapter
-            p_idx, p_y = flatten({**dpl, **proto_extra}) if proto_extra else (idx, y_pl)
-            protos = class_prototypes(model, learner, adapters, subset(d["train"], p_y, p_idx, preprocess),
-                                      p_y, t_plain, device)
-            M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, margin_variant)
-        stats, seen_pl = train_epoch(model, learner, adapters, opt, sched, scaler, batches, M, tau,
-                                     ul_classes.to(device), device, iters, args.quiet, scale)
-        sigma = prediction_counts(seen_pl, stats["counts"], seen, "sigma-repeats" in release)
-        pl_acc = stats["hit"] / max(1, stats["n_conf"])
-        print(f"epoch {epoch + 1}/{epochs} | loss {stats['pl'] + stats['ul'] + stats['l']:.3f} "
-              f"(pl {stats['pl']:.3f}, ul {stats['ul']:.3f}, l {stats['l']:.3f}) | mask {stats['mask']:.2f} | "
-              f"pl-acc {100 * pl_acc:.1f} | dpl {len(idx)} (acc {100 * dpl_accuracy(dpl, y_train):.1f}) | "
-              f"margin max {M.max():.2f} mean {M.mean():.2f} | {time.time() - t0:.1f}s")
-        if epoch % args.expand_every == 0:  # §4.6: D_PL grows from confident predictions at epochs 0, 5, 10, ...
+        tr.batches["main"] = forever(subset(d.train, y_pl, idx, d.preprocess), args.batch_size, args.seed + 2 + epoch,
+                                     args.workers)
+        if epoch > 0 and args.margin:  # §3.2: M rebuilt at the start of every epoch, zero in epoch 0
+            with torch.no_grad(), common.autocast(tr.device):
+                t_plain = encode_text_maple(tr.model, tr.learner, tr.tokens).float().cpu()  # [C, D], no adapter
+            p_idx, p_y = flatten({**dpl, **extra_protos}) if extra_protos else (idx, y_pl)
+            protos = class_prototypes(tr, subset(d.train, p_y, p_idx, d.preprocess), p_y, t_plain)
+            M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, rel.margin)
+        stats, seen_pl = train_epoch(tr, M, args.iters, args.quiet)
+        sigma = prediction_counts(seen_pl, stats["counts"], seen, rel.sigma_repeats)
+        pl_acc, loss = stats["hit"] / max(1, stats["n_conf"]), stats["pl"] + stats["ul"] + stats["l"]
+        common.check_finite(loss, f"the loss of epoch {epoch + 1}")
+        print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.3f} (pl {stats['pl']:.3f}, ul {stats['ul']:.3f}, "
+              f"l {stats['l']:.3f}) | mask {stats['mask']:.2f} | pl-acc {100 * pl_acc:.1f} | dpl {len(idx)} (acc "
+              f"{100 * dpl_accuracy(dpl, d.y_train):.1f}) | margin max {M.max():.2f} mean {M.mean():.2f} | "
+              f"{time.time() - t0:.1f}s", flush=True)
+        if args.expansion and epoch % args.expand_every == 0:  # §4.6: from confident predictions, epochs 0, 5, ...
             seen_pool = {U[pos].item(): v for pos, v in seen_pl.items()}
-            dpl = expand_dpl(dpl, seen_pool, len(U), n_main, epoch, epochs, resolve(args, "max_main_ratio", 0.8))
+            dpl = expand_dpl(dpl, seen_pool, len(U), args.n_main, epoch, args.epochs, args.max_main_ratio)
+            expansions.append({"epoch": epoch + 1, **{d.classnames[c]: v.tolist() for c, v in dpl.items()}})
+    return dpl, stats, pl_acc
 
-    pred = evaluate(model, learner, tokens, test_set, device)
-    metrics = test_metrics(pred, y_test, seen)
-    per_class = dict(zip(classnames, common.per_class_accuracy(pred, y_test, C).tolist()))
-    metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],
-                   final_loss=stats["pl"] + stats["ul"] + stats["l"],
-                   dpl_acc_final=dpl_accuracy(dpl, y_train), dpl_acc_before_alignment=report["dpl_acc_before_alignment"],
-                   dpl_acc_after_alignment=report["dpl_acc_after_alignment"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common.save_atomic({"learner": learner.state_dict(), "classnames": classnames, "clip_model": d["model_name"],
+
+def save_outputs(out_dir, args, d, learner, report, expansions):
+    """The prompts (cap_prompts.pt) and the pseudolabels (pseudolabels.pt, docs/usage.md)."""
+    common.save_atomic({"learner": learner.state_dict(), "classnames": d.classnames, "clip_model": args.clip_model,
                         "prompt_depth": args.prompt_depth}, out_dir / "cap_prompts.pt")
-    path = common.write_results(out_dir, config, metrics, start, extra={
-        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "concept_alignment": report,
-        "release_behaviours": sorted(release),
-        "per_class_test_acc": per_class})
-    print(f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f})"
-          + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
-          + f" | pl-acc {100 * pl_acc:.1f} | {time.time() - start:.0f}s | {path}")
+    common.save_atomic({"initial_dpl": report["initial_dpl"], "mismatched": report["mismatched_classes"],
+                        "descriptions": report["chosen_descriptions"], "dpl_after_alignment": report["aligned_dpl"],
+                        "dpl_expansions": expansions, "classnames": d.classnames}, out_dir / "pseudolabels.pt")
+
+
+def eval_only(args, d, learner, tokens, test_set, seen, zs, device):
+    """Test metrics of the prompts saved in --checkpoint (cap_prompts.pt), without training."""
+    if not args.checkpoint:
+        raise common.UserError("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
+    learner.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["learner"])
+    metrics = test_metrics(evaluate(d.model, learner, tokens, test_set, device), d.y_test, seen)
+    print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} | zero-shot {100 * zs['test_acc']:.2f} (1 template)")
     return metrics
+
+
+def summary(args, metrics, zs, seen):
+    """The run's one-line summary."""
+    return (f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f}, "
+            f"1 template)" + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
+            + f" | pl-acc {100 * metrics['pseudolabel_acc']:.1f}")
+
+
+def main(argv=None):
+    """CAP end to end (§3.1 → §3.3, then the test set). -> the final metrics dict"""
+    args = parse_args(argv)
+    rel = common.release_settings(args, RELEASE_BEHAVIOURS)  # the released code's behaviours (default: none)
+    run = common.start_run(args, f"runs/cap-{args.data}-{args.mode}-seed{args.seed}")
+    d = common.prepare(args, run.device, keep_test_in_pool=rel.eurosat_pool)
+    C, d.model = len(d.classnames), d.model.requires_grad_(False)
+    d.scale = d.model.logit_scale.exp().item()  # CLIP's own logit scale: 100 for OpenAI's CLIP and the demo CLIP
+    L, U, pseudo_classes, seen = data.split_setting(args.mode, d.y_train, C, args.split_seed, rel.ssl_draw)
+    # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels
+    zs, probs, W, W_pl = zero_shot(d, pseudo_classes, seen, rel.quirk, run.device)
+    zs_check = common.check_zeroshot(zs.get("harmonic_mean", zs["test_acc"]), args, "1 template", args.mode)
+    learner, tokens = build_maple(d.model.cpu(), d.tokenizer, d.classnames, args.prompt_depth)
+    d.model, learner, tokens = d.model.to(run.device), learner.to(run.device), tokens.to(run.device)
+    test_set = common.ImageList(d.test, d.y_test, d.preprocess)
+    if args.eval_only:
+        return eval_only(args, d, learner, tokens, test_set, seen, zs, run.device)
+    # §3.1 concept alignment -> high-precision pseudolabels D_PL
+    dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, run.device)
+    # §3.2-§3.3 dual-adapter prompt tuning with the calibrated margin
+    ul_classes = torch.arange(C) if rel.trzsl_all else pseudo_classes  # what L_UL may pseudolabel
+    batches = data_streams(args, d, rel, L, U)
+    tr = training_state(args, d, learner, tokens, batches, ul_classes, U, run.device)
+    extra_protos = {c.item(): L[d.y_train[L] == c][:args.n_main] for c in seen}  # TRZSL: labeled seen images
+    expansions = []
+    dpl, stats, pl_acc = train(args, d, rel, tr, dpl, extra_protos, seen, expansions)
+    # test accuracy with the adapters off, next to zero-shot and the pseudolabels' accuracy
+    pred = evaluate(d.model, learner, tokens, test_set, run.device)
+    metrics = test_metrics(pred, d.y_test, seen)
+    metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],
+                   final_loss=stats["pl"] + stats["ul"] + stats["l"], dpl_acc_final=dpl_accuracy(dpl, d.y_train),
+                   **{k: report[k] for k in ("dpl_acc_before_alignment", "dpl_acc_after_alignment")})
+    save_outputs(run.out_dir, args, d, learner, report, expansions)
+    per_class = dict(zip(d.classnames, common.per_class_accuracy(pred, d.y_test, C).tolist()))
+    return common.finish_run(run, metrics, summary(args, metrics, zs, seen), extra={
+        "clip": {"model": args.clip_model, "pretrained": d.pretrained}, "split": d.split_info,
+        "zeroshot_check": zs_check, "concept_alignment": {k: v for k, v in report.items() if not k.endswith("_dpl")},
+        "release_behaviours": sorted(k for k, v in vars(rel).items() if v), "per_class_test_acc": per_class})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,6 @@
-"""Shared pieces for zeroshot.py, cap.py and coreg.py, in the order a reader needs them: prompt templates,
-images as a torch Dataset, device/seed helpers, CLIP loading, image features with their on-disk cache, metrics,
-the results writer and the one LLM request. Every function is plain torch and can
-be copied on its own. The dataset table is data.py; the flags the scripts share are in cli.py (no torch, so
-bad flags are answered fast).
-"""
+"""Shared pieces of zeroshot.py, cap.py and coreg.py, in the order a reader needs them: errors and the shared flags,
+prompt templates, images, device and seeds, CLIP, image features and their cache, the hand-written K-Means, metrics,
+the run and its results.json, and the one LLM request. Each function is plain torch and can be copied on its own."""
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
@@ -11,53 +8,67 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 import argparse  # noqa: E402
 import hashlib
 import json
+import logging
+import math
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import data  # the dataset table
-import demo  # the offline demo world; it imports nothing of ours
+import data  # the dataset table (it imports this module too: each side looks names up at call time)
+import demo  # the offline demo: its tiny CLIP config and weights
+
+CACHE_VERSION = 2  # bump when the feature-cache format or preprocessing changes
+
 
 # -----------------------------------------------------------------------------
 # Errors and the shared flags
 
-# On a machine whose cores other jobs also use, torch's OpenMP threads spin-wait for each other at every
-# parallel op; measured here under load: the demo CLIP's pre-training 24 s a step with 2 spinning threads,
-# 1.8 s with PASSIVE (sleeping) waits. It is read once, when torch loads. An explicit setting wins.
-
 class UserError(Exception):
-    """A problem the user can fix (missing data, weights, bad flag): common.run_cli prints it as one line,
-    no traceback, exit code 2."""
+    """A problem the user can fix (missing data or weights, a bad flag or path): run_cli prints one line, exit 2."""
 
 
-
-
-def _int_at_least(text, low):
+def run_cli(main):
+    """Entry point wrapper: UserError -> one line on stderr, exit 2; Ctrl-C -> 'interrupted', exit 130."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    return value
+        main()
+    except UserError as e:
+        msg = str(e).strip().splitlines()[-1]  # a DataLoader worker wraps the message in its traceback
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # caches and results are written to a temp name first: nothing is half-written
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
-def positive_int(text):
-    """argparse type for counts and sizes: an int ≥ 1, else a one-line usage error at parse time."""
-    return _int_at_least(text, 1)
+def _number_type(kind, low, strict=False):
+    """-> an argparse type: text -> `kind`, finite and >= low (> low if strict), else a one-line usage error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__doc__ = f"argparse type: a finite {kind.__name__} {'>' if strict else '>='} {low}."
+    return parse
 
 
-def nonneg_int(text):
-    return _int_at_least(text, 0)
+positive_int = _number_type(int, 1)  # counts and sizes
+nonneg_int = _number_type(int, 0)
+positive_float = _number_type(float, 0.0, strict=True)  # learning rates, temperatures: nan, inf, 0 and -1 refused
+nonneg_float = _number_type(float, 0.0)
 
 
 def add_common_args(p):
@@ -67,48 +78,57 @@ def add_common_args(p):
     p.add_argument("--data-dir", default="data", help="root folder holding the datasets")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     # CLIP
-    p.add_argument("--clip-model", default=None, help="open_clip model (default ViT-B-32; tiny-demo for --data demo)")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip tag (default openai), a local weights file, or none (random init)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (--data demo: tiny-demo)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, a local weights file, 'none' (random init) or 'demo' (the demo CLIP)")
     # system
-    p.add_argument("--seed", type=int, default=1, help="optimisation seed (CAP runs seeds 1-3)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (method default if unset)")
+    p.add_argument("--seed", type=int, default=1, help="optimisation seed (the papers report seeds 1-3)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     p.add_argument("--cache-dir", default="cache", help="feature, weight and LLM response cache")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of reading the cache")
     p.add_argument("--out-dir", default=None, help="where results.json goes (default runs/<script>-<data>-...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
-CACHE_VERSION = 1  # bump when the feature-cache format or preprocessing changes
+
+def parse_args(p, argv, dataset_defaults):
+    """Parse argv with per-dataset defaults (data.CLIP_DEFAULTS, then {data: {dest: value}}); typed flags win."""
+    data_name = p.parse_known_args(argv)[0].data  # the defaults depend on --data
+    p.set_defaults(**data.CLIP_DEFAULTS.get(data_name, {}), **dataset_defaults.get(data_name, {}))
+    return p.parse_args(argv)
 
 
-def run_cli(main):
-    """Entry point wrapper: UserError -> one line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as e:
-        msg = str(e).strip().splitlines()[-1]  # a DataLoader worker wraps the message in its traceback
-        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
+def release_settings(args, behaviours):
+    """--as-released (all) or --release a,b (some) -> one bool per behaviour (--release no-low-t -> .no_low_t)."""
+    chosen = set(behaviours) if getattr(args, "as_released", False) else set(filter(None, args.release.split(",")))
+    if unknown := chosen - set(behaviours):
+        raise UserError(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(behaviours)}")
+    return SimpleNamespace(**{b.replace("-", "_"): b in chosen for b in behaviours})
+
+
+def cosine(t, total, warmup=0, floor=0.0):
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine from 1 to `floor` at `total`."""
+    if t < warmup:
+        return (t + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t - warmup, total - warmup) / max(1, total - warmup)))
 
 
 # -----------------------------------------------------------------------------
 # Prompt templates
 
 TEMPLATES_SINGLE = ["a photo of a {}."]  # the one prompt of FPL and CAP
-# "imagenet_templates_small": the 27 templates Co-Reg annotates with (docs/coreg.md)
+# "imagenet_templates_small", exactly as Co-Reg's release annotates with them (utils/utils_experi.py): no full stop
 TEMPLATES_SMALL = [
-    "a photo of a {}.", "a rendering of a {}.", "a cropped photo of the {}.", "the photo of a {}.",
-    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a photo of my {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a photo of the {}.", "a good photo of the {}.", "a photo of one {}.",
-    "a close-up photo of the {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a rendition of a {}.", "a photo of a nice {}.", "a good photo of a {}.", "a photo of the nice {}.",
-    "a photo of the small {}.", "a photo of the weird {}.", "a photo of the large {}.",
-    "a photo of a cool {}.", "a photo of a small {}.",
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
+    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
+    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
 ]
+PROMPT_SET_NAMES = {"single": "1 template", "small": "27-template ensemble", "imagenet": "80-template ensemble"}
 
 
 def get_templates(name):
@@ -133,8 +153,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i):
         img = self.samples[i]
-        if isinstance(img, tuple):  # torchvision datasets return (image, label)
-            img = img[0]
+        img = img[0] if isinstance(img, tuple) else img  # torchvision datasets return (image, label)
         if isinstance(img, str):
             from PIL import Image
             try:
@@ -157,10 +176,15 @@ def get_device(name=None):
         raise UserError(f"--device {name}: not a torch device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not supported; use cpu, cuda or cuda:N")
     return device
 
 
 def set_seed(seed):
+    """Seed Python's, numpy's and torch's (CPU and CUDA) global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -168,16 +192,14 @@ def set_seed(seed):
 
 
 def autocast(device):
-    """Mixed precision on CUDA only, CPU runs in float32 (nanoGPT's `ctx`): bf16 where the GPU supports it,
-    else fp16, whose prompt gradients through the frozen layers need a torch.amp.GradScaler (cap.py has one)."""
+    """Mixed precision on CUDA only: bf16 if supported, else fp16 (cap.py adds a GradScaler); CPU: nullcontext."""
     if torch.device(device).type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def progress(iterable, desc, quiet=False, every=30.0):
-    """The one progress rule: a tqdm bar on a terminal; otherwise (a log file, CI) one plain line every
-    `every` seconds, so long work is never silent and logs hold no carriage-return bars; nothing if quiet."""
+    """A tqdm bar on a terminal; otherwise (a log file, CI) one plain line every `every` seconds; nothing if quiet."""
     if quiet:
         return iterable
     if sys.stdout.isatty():
@@ -187,8 +209,8 @@ def progress(iterable, desc, quiet=False, every=30.0):
 
 
 def _every(iterable, desc, every):
-    total, start = (len(iterable) if hasattr(iterable, "__len__") else "?"), time.time()
-    last = start
+    total = len(iterable) if hasattr(iterable, "__len__") else "?"
+    start = last = time.time()
     for i, item in enumerate(iterable):
         yield item
         if time.time() - last >= every:
@@ -199,17 +221,15 @@ def _every(iterable, desc, every):
 # -----------------------------------------------------------------------------
 # CLIP
 
-TINY_CONFIGS = {  # 32-px width-64 models registered in-process (no download)
-    "tiny": {"embed_dim": 64,  # 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
+TINY_CLIP = {"embed_dim": 64,  # 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}},
-    "tiny-demo": demo.CLIP_CONFIG,  # 3 layers, 8x8 patches of 4 px: the demo world's CLIP
-}
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
 
 
 def register_tiny():
+    """Register the 32-px width-64 models in-process (no download): 'tiny' for tests, 'tiny-demo' (demo.py)."""
     import open_clip
-    for name, cfg in TINY_CONFIGS.items():
+    for name, cfg in {"tiny": TINY_CLIP, "tiny-demo": demo.CLIP_CONFIG}.items():
         if name not in open_clip.list_models():
             path = Path(tempfile.mkdtemp()) / f"{name}.json"
             path.write_text(json.dumps(cfg))
@@ -225,14 +245,6 @@ def _hub_reachable(host="huggingface.co", timeout=3.0):
         return False
 
 
-def _go_offline():
-    import logging
-    import huggingface_hub.constants
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
-    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
-
-
 def _is_torchscript(path):
     """OpenAI's released CLIP files (e.g. ViT-B-32.pt) are TorchScript archives: a zip with a code/ folder."""
     import zipfile
@@ -244,13 +256,9 @@ def _is_torchscript(path):
 
 
 def clip_architecture(model_name, tag):
-    """(open_clip model name, quick_gelu) that the weights were trained with.
-
-    OpenAI's CLIPs (and a few others) were trained with QuickGELU, x·σ(1.702x), and open_clip only *warns*
-    when a plain model name gets such weights: activations, so zero-shot and every pseudolabel, then shift.
-    The pretrained tag's config says which activation it needs; a local TorchScript file is OpenAI's release.
-    Any other local file keeps the model name's own activation (pass e.g. ViT-B-32-quickgelu if it needs it).
-    """
+    """(open_clip model name, quick_gelu) that the weights were trained with. OpenAI's CLIPs use QuickGELU and open_clip
+    only warns when a plain name gets such weights (then every activation and pseudolabel shifts), so the tag's config
+    decides; a local TorchScript file is OpenAI's release; any other file keeps the name's own activation."""
     import open_clip
     if tag is None or os.path.isfile(tag):
         return model_name, (tag is not None and _is_torchscript(tag)) or None
@@ -264,35 +272,39 @@ def clip_architecture(model_name, tag):
 
 
 def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
-    """-> (model in eval mode, preprocess, tokenizer). `pretrained`: open_clip tag, local file, or 'none'.
-    The activation follows the weights (QuickGELU for OpenAI's), whatever model name is given."""
+    """-> (model in eval mode, preprocess, tokenizer); `pretrained`: open_clip tag, local file or 'none' (random)."""
     import open_clip
     register_tiny()
     if model_name not in open_clip.list_models():
-        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), 'tiny' or 'tiny-demo'")
+        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), "
+                        f"'tiny' or 'tiny-demo'")
     tag = None if pretrained in (None, "", "none") else str(pretrained)
-    if tag and not os.path.isfile(tag) and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag) \
+    local = tag is not None and os.path.isfile(tag)
+    if tag and not local and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag) \
             and tag not in open_clip.list_pretrained_tags_by_model(model_name):
         if os.path.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise UserError(f"weights file {tag} not found; check --pretrained <file>")
         raise UserError(f"'{tag}' is not a pretrained tag of {model_name} "
                         f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>")
-    if tag and not os.path.isfile(tag) and not _hub_reachable():
-        _go_offline()  # use the local Hugging Face cache only, instead of a minute of retries
+    if tag and not local and not _hub_reachable():  # the local Hugging Face cache only, not a minute of retries
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
+        logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
     name, quick = clip_architecture(model_name, tag)
-    import logging
     root, level = logging.getLogger(), logging.getLogger().level
     if tag is None:  # open_clip's "No pretrained weights loaded ... initialized randomly" is our intent here
         root.setLevel(max(level, logging.ERROR))
-    torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, force_quick_gelu=bool(quick),
-            weights_only=not (tag and os.path.isfile(tag) and _is_torchscript(tag)))  # TorchScript: torch.jit.load
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG state as it was
+            torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, device=device, force_quick_gelu=bool(quick),
+                weights_only=not (local and _is_torchscript(tag)))  # TorchScript: jit.load
     except Exception as e:
-        if tag and os.path.isfile(tag):  # e.g. random bytes: torch's own advice (weights_only=False) is wrong here
-            raise UserError(f"cannot load weights file {tag} for {name} ({type(e).__name__}): not an open_clip/OpenAI "
-                            f"checkpoint or state_dict, or one of another model (check --clip-model)") from None
+        if local:  # e.g. random bytes: torch's own advice (weights_only=False) is wrong here
+            raise UserError(f"cannot load weights file {tag} for {name} ({type(e).__name__}): truncated, not an "
+                            f"open_clip/OpenAI checkpoint, or the weights of another model than {name}") from None
         if isinstance(e, RuntimeError) and ("download" in str(e).lower() or "connect" in str(e).lower()):
             raise UserError(f"could not download CLIP weights '{tag}' for {name} (offline?); "
                             f"pass --pretrained <local weights file>") from None
@@ -315,62 +327,48 @@ def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
     return torch.stack(weights)  # [C, D]
 
 
-def clip_choice(data, clip_model=None, pretrained=None, cache_dir="cache", quiet=False):
-    """Resolve --clip-model/--pretrained defaults: ViT-B-32/openai, or the demo world's own tiny CLIP,
-    pre-trained once by demo.pretrain and cached as <cache_dir>/demo_clip_v<VERSION>.pt (delete it to redo)."""
-    if not (data == "demo" and clip_model in (None, "tiny-demo") and pretrained in (None, "demo")):
-        return clip_model or "ViT-B-32", pretrained or "openai"
-    path = Path(cache_dir) / f"demo_clip_v{demo.VERSION}.pt"
-    if path.exists():
-        print(f"demo CLIP: loading pre-trained weights from {path}")
-        return "tiny-demo", str(path)
-    print(f"demo CLIP: pre-training a tiny CLIP on synthetic image-caption pairs (once; cached at {path}); "
-          f"about 3 min on 2 idle cores")
-    start = time.time()
-    model, _, tokenizer = load_clip("tiny-demo", "none")
-    with torch.random.fork_rng():  # leave the caller's global RNG as it was
-        demo.pretrain(model, tokenizer, progress=lambda it: progress(it, "pre-train demo CLIP", quiet))
-    save_atomic(model.state_dict(), path)
-    print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
-    return "tiny-demo", str(path)
-
-
 # -----------------------------------------------------------------------------
 # Image features and their cache
 
-def cache_path(cache_dir, data, split, model_name, pretrained):
-    """File name keyed by dataset, split, model, pretrained (hashed when it is a file) and format."""
-    p = str(pretrained)
-    if os.path.isfile(p):
-        st = os.stat(p)
-        p = Path(p).stem + "-" + hashlib.sha1(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
-    key = f"{data}_{split}_{model_name}_{p}_eval_v{CACHE_VERSION}"  # "eval": the eval preprocess.replace("/", "-")
-    return Path(cache_dir) / f"{key}.pt"
+def file_key(path, block=1 << 20):
+    """Content key of a weights file (size, first and last MiB): a copy keeps it, an edit changes it, and it is fast."""
+    size, h = os.path.getsize(path), hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(block))
+        f.seek(max(0, size - block))
+        h.update(f.read(block))
+    return f"{Path(path).stem}-{h.hexdigest()[:10]}-{size}"
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written cache."""
+def cache_path(cache_dir, data_key, split, model_name, pretrained):
+    """Feature-cache file keyed by dataset, split, model, weights (by content when a file) and format version."""
+    p = file_key(pretrained) if os.path.isfile(str(pretrained)) else str(pretrained)
+    return Path(cache_dir) / f"{data_key}_{split}_{model_name}_{p}_eval_v{CACHE_VERSION}.pt".replace("/", "-")
+
+
+def _write_atomic(path, write):
+    """Call write(tmp) on a temp file in path's folder, then rename it to path: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written cache."""
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_text_atomic(text, path):
-    """Write text to a temp file in the same folder, then rename (results.json, LLM replies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    """Write text to a temp file in the same folder, then rename (results.json, LLM replies). -> the Path"""
+    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_cached(path, keys):
@@ -390,17 +388,15 @@ def load_cached(path, keys):
 
 @torch.no_grad()
 def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache_file=None, quiet=False):
-    """Encode a dataset of (image, label, index). -> (features [N, D] float32 L2-normalised, labels [N]).
-
-    With `cache_file`, a valid cache is loaded instead (one line printed) and a fresh result is saved.
-    """
+    """(image, label, index) items -> (features [N, D] float32 L2-normalised, labels [N]), cached in cache_file."""
     if cache_file is not None:
         hit = load_cached(cache_file, ("features", "labels"))
         if hit is not None and len(hit["labels"]) == len(dataset):
             print(f"feature cache hit: {Path(cache_file).name}")
             return hit["features"], hit["labels"]
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # its own generator: a cache miss draws nothing global
     feats, labels = [], []
     for images, y, _ in progress(loader, "encode", quiet):
         with autocast(device):
@@ -413,34 +409,37 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
     return features, labels
 
 
-def prepare(args, device, transform=None):
-    """Load the dataset and CLIP, then encode both splits once (cached). -> dict of everything scripts share."""
-    train, y_train, test, y_test, classnames, *info = data.load_dataset(args.data, args.data_dir, args.download)
-    model_name, pretrained = clip_choice(args.data, args.clip_model, args.pretrained, args.cache_dir, args.quiet)
-    model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
+def prepare(args, device, transform=None, keep_test_in_pool=False):
+    """Load the dataset and CLIP and encode both splits once (cached), drawing no global random numbers. -> namespace
+    of train/test samples and labels, classnames, split_info, model, preprocess, tokenizer, f_train [N, D], f_test."""
+    train, y_train, test, y_test, classnames, info = data.load_dataset(args.data, args.data_dir, args.download,
+                                                                       as_released=keep_test_in_pool)
+    if len(classnames) < 2 or len(torch.unique(y_train)) < 2:
+        raise UserError(f"--data {args.data}: found {len(classnames)} class(es) in {args.data_dir}; "
+                        f"classification needs at least 2")
+    pretrained = demo.clip_weights(args.cache_dir, args.quiet) if args.pretrained == "demo" else args.pretrained
+    model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
     data_key = args.data  # a folder dataset is keyed by its path too: two folders must not share a cache
     if args.data == "folder":
         data_key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
     feats = {}
     for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
-        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split, model_name, pretrained)
+        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split, args.clip_model, pretrained)
         feats[split] = encode_images(model, ImageList(samples, labels, transform or preprocess), device,
                                      workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
-    return dict(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
-                model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=model_name,
-                pretrained=pretrained, f_train=feats["train"], f_test=feats["test"])
+    return SimpleNamespace(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
+                           split_info=info, model=model, preprocess=preprocess, tokenizer=tokenizer,
+                           pretrained=str(pretrained), f_train=feats["train"], f_test=feats["test"])
 
 
 # -----------------------------------------------------------------------------
 # K-Means (hand-written, on the data's device)
 
-
 def _assign(x, x_sq, c, chunk):
     """Nearest centroid per row via |x|² − 2x·cᵀ + |c|², in row chunks, and the per-cluster sums and counts
     the next update needs. -> (assign [N], squared distance [N], sums [K, D], counts [K])"""
     K = len(c)
-    # MKL's CPU GEMM is ~1.5x slower when K is not a multiple of 8 (K=47: 6.0 ms, padded to 48: 3.8 ms,
-    # one core), so pad with dummy centres at infinite distance, which the argmin never picks
+    # MKL's CPU GEMM is ~1.5x slower when K is not a multiple of 8: pad with centres at infinite distance
     pad = -K % 8
     c_sq = F.pad((c * c).sum(1), (0, pad), value=float("inf"))  # [K']
     c = F.pad(c, (0, 0, 0, pad))  # [K', D], K' = K rounded up to a multiple of 8
@@ -464,11 +463,9 @@ def _dists_to(x, x_sq, ids):
 
 
 def _kmeans_pp(x, x_sq, k, g, n_trials=None):
-    """Greedy k-means++ (Arthur & Vassilvitskii 2007, as scikit-learn runs it): the first centre is a uniform
-    draw; each next one is the best of n_trials = 2 + ⌊ln k⌋ points drawn with probability ∝ squared distance
-    to the nearest centre so far, best = lowest total squared distance once added. Plain k-means++
-    (n_trials=1) more often puts two centres in one cluster and none in another (4x the inertia on
-    well-separated blobs, measured). -> [K, D]"""
+    """Greedy k-means++ (Arthur & Vassilvitskii 2007, as scikit-learn runs it): a uniform first centre, then each next
+    one the best (lowest total squared distance) of n_trials = 2 + ⌊ln k⌋ points drawn ∝ squared distance to the
+    nearest centre so far; plain k-means++ (n_trials=1) more often puts two centres in one cluster. -> [K, D]"""
     n, L = len(x), n_trials or 2 + int(np.log(k))
     i = torch.randint(n, (1,), generator=g).to(x.device)  # [1]
     draws = torch.rand(k - 1, L, generator=g, dtype=x.dtype).to(x.device)  # [K-1, L], one copy to the device
@@ -485,8 +482,7 @@ def _kmeans_pp(x, x_sq, k, g, n_trials=None):
 
 
 def _update_centroids(x, sums, counts, dist, c, spherical):
-    """Cluster means from the sums and counts of _assign; empty clusters re-seeded at the points farthest
-    from their centre."""
+    """Cluster means from _assign's sums and counts; empty clusters re-seeded at the points farthest from a centre."""
     new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
     empty = (counts == 0).nonzero().flatten()  # [E], E <= K <= N
     if len(empty):  # explicit re-seed, never NaN and never the origin
@@ -498,18 +494,11 @@ def _update_centroids(x, sums, counts, dist, c, spherical):
 
 
 def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=None, chunk=None, seed_rows=None):
-    """Lloyd's K-Means with greedy k-means++ seeding, in torch on x's device.
-
-    x [N, D] float; k clusters; stops after n_iter updates, when no assignment changes, or when the
-    relative inertia drop is <= tol (tol=0: only at convergence).
-    spherical=True: for L2-normalised features, centroids re-normalised (cosine K-Means).
-    init [k, D]: start from these centroids (a warm start; one run, no seeding).
-    seed_rows: seed on a random subset of this many rows (default 16k): seeding reads its rows k times, which
-    at N = 100,000 and k = 1,000 took longer than the 25 Lloyd iterations; the iterations then use every row
-    (final inertia within 0.3% of seeding on every row, mean of 8 seeds on 3 data shapes, measured).
-    chunk: rows per distance block (default: a block of x stays about 4 MB, in cache).
-    Returns (centroids [k, D], assign [N], inertia_history list of floats); best of n_init seeds.
-    """
+    """Lloyd's K-Means with greedy k-means++ seeding, in torch on x's device. x [N, D]; stops after n_iter updates,
+    when no assignment changes, or when the relative inertia drop is <= tol. spherical: re-normalised centroids
+    (cosine K-Means, for L2-normalised features). init [k, D]: warm start (one run, no seeding). seed_rows: seed on
+    this many random rows (default 16k; seeding reads its rows k times), then iterate on all. chunk: rows per
+    distance block. -> (centroids [k, D], assign [N], inertia_history), the best of n_init seeds."""
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"kmeans: k={k} clusters needs 1 <= k <= number of points ({n})")
@@ -544,6 +533,7 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=No
 # Metrics
 
 def accuracy(pred, labels):
+    """Fraction of pred equal to labels (NaN when there are none)."""
     return (pred == labels).float().mean().item() if len(labels) else float("nan")
 
 
@@ -555,36 +545,110 @@ def per_class_accuracy(pred, labels, num_classes):
 
 
 def harmonic_mean(a, b):
+    """2ab / (a + b), 0 when both are 0 (TRZSL's seen/unseen summary)."""
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
 # -----------------------------------------------------------------------------
-# Results
+# The run: prologue, checks and results.json
+
+def check_folder(folder, flag):
+    """Fail at start-up, in one line, if `folder` cannot hold our files: never after the work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror or type(e).__name__})") from None
+
+
+def start_run(args, out_default):
+    """main()'s prologue: config as one JSON line, folders checked, device, seed. -> (config, start, device, out_dir)"""
+    config = vars(args).copy()
+    print(json.dumps(config))
+    out_dir = Path(args.out_dir or out_default)
+    check_folder(out_dir, "--out-dir")
+    check_folder(args.cache_dir, "--cache-dir")
+    device = get_device(args.device)
+    set_seed(args.seed)
+    return SimpleNamespace(config=config, start=time.time(), device=device, out_dir=out_dir)
+
+
+def check_finite(value, what):
+    """Stop a diverging run with one line instead of training on NaNs. value: a float (e.g. an epoch's loss)."""
+    if not math.isfinite(value):
+        raise UserError(f"{what} is {value}: the run diverged; lower --lr")
+
+
+PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
+
+
+def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
+    """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
+    template), warn if they differ by > `tol` points. -> {measured, published, source, differs} for results.json"""
+    cell = None
+    if args.pretrained == "openai" and prompt_set == "1 template" and PAPER_RESULTS.exists():
+        zs = json.loads(PAPER_RESULTS.read_text(encoding="utf-8")).get("zeroshot", {})
+        cell = zs.get(setting, {}).get(args.data, {}).get(args.clip_model.removesuffix("-quickgelu"))
+    out = {"measured": round(100 * measured, 2), "published": cell and cell.get("value"),
+           "source": cell and cell.get("source"), "differs": False}
+    if out["published"] is None:
+        print(f"zero-shot {out['measured']:.2f} ({prompt_set}); no published row for {args.data} / "
+              f"{args.clip_model} / {args.pretrained} / {setting}")
+        return out
+    out["differs"] = abs(out["measured"] - out["published"]) > tol
+    print(f"zero-shot {out['measured']:.2f} ({prompt_set}) | published {out['published']:.2f} ({out['source']})")
+    if out["differs"]:
+        print(f"warning: zero-shot differs from the published {out['published']:.2f} by "
+              f"{out['measured'] - out['published']:+.2f} points (> {tol}); usual causes: activation (QuickGELU for "
+              f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
+              f"(docs/usage.md)", file=sys.stderr)
+    return out
+
 
 def versions():
+    """Python, torch, torchvision, open_clip and CUDA versions, threads and the git commit, for results.json."""
     import open_clip
     import torchvision
-    commit = None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
     except Exception:
-        pass
+        commit = None
     return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
             "open_clip": open_clip.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "git_commit": commit}
+            "threads": torch.get_num_threads(), "git_commit": commit}
 
 
-def write_results(out_dir, config, metrics, start_time, extra=None):
-    """results.json = {config, metrics, elapsed_s, versions, **extra}, written atomically."""
-    res = {"config": config, "metrics": metrics, "elapsed_s": round(time.time() - start_time, 2),
+def strict_json(obj):
+    """Tensors and numpy numbers -> Python values, NaN and ±inf -> None: results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.generic, np.ndarray)):
+        return strict_json(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def finish_run(run, metrics, summary, extra=None):
+    """main()'s epilogue: results.json {config, metrics, elapsed_s, versions, **extra} (an old one kept), summary."""
+    res = {"config": run.config, "metrics": metrics, "elapsed_s": round(time.time() - run.start, 2),
            "versions": versions(), **(extra or {})}
-    path = Path(out_dir) / "results.json"
-    if path.exists():  # a rerun into the same --out-dir keeps the earlier result, and says so
+    path = run.out_dir / "results.json"
+    if path.exists():
         kept = path.with_name(time.strftime("results-%Y%m%d-%H%M%S.json", time.localtime(path.stat().st_mtime)))
         os.replace(path, kept)
         print(f"note: {path} existed; the earlier run's results were moved to {kept.name}")
-    return write_text_atomic(json.dumps(res, indent=2, default=float), path)
+    write_text_atomic(json.dumps(strict_json(res), indent=2, allow_nan=False), path)
+    print(f"{summary} | {time.time() - run.start:.0f}s | {path}")
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -595,8 +659,8 @@ class LLMError(Exception):
 
 
 def _chat_once(endpoint, body, timeout, max_bytes):
-    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx); anything
-    else raises LLMError. No error carries the request or the key (`from None`; an echoed key is blanked)."""
+    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx); anything else
+    raises LLMError. No error carries the request or the key (`from None`; an echoed key is blanked)."""
     import requests  # only the LLM path needs it
     key = os.environ.get("OPENAI_API_KEY")
     try:
@@ -650,12 +714,9 @@ def _reply_contents(text, status, endpoint):
 
 def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
                  max_bytes=1_000_000, backoff=0.5):
-    """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts.
-
-    Servers that ignore n > 1 (llama.cpp, Ollama) send fewer choices. `retries` counts attempts in all;
-    network errors, 429 and 5xx are retried after backoff·2^i s (≤ 8 s). The key comes from $OPENAI_API_KEY.
-    With cache_dir, replies are kept in cache_dir/llm/<sha256 of the request>.json: reruns are offline.
-    """
+    """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts (servers that
+    ignore n > 1 send fewer). `retries` attempts in all, network errors, 429 and 5xx retried after backoff·2^i s
+    (≤ 8 s); the key comes from $OPENAI_API_KEY; with cache_dir, replies are kept in cache_dir/llm/<sha256>.json."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     cache_file = None if cache_dir is None else Path(cache_dir) / "llm" / f"{digest}.json"
@@ -683,3 +744,60 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     if cache_file is not None:  # temp file + rename: never a half-written cache
         write_text_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
     return contents
+
+
+# CAP's class descriptions (§3.1): the request (the paper does not publish its prompt; this one is ours), the reply's
+# parsing, and description files
+
+DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
+                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
+
+
+def parse_descriptions(text):
+    """Reply -> descriptions from a JSON array or numbered/bulleted lines (else all lines), deduped ignoring case."""
+    body = re.sub(r"^```\w*|```$", "", text.strip()).strip()  # a markdown code fence around the answer
+    try:
+        items = json.loads(body)
+        items = [str(s) for s in items] if isinstance(items, list) else [body]
+    except ValueError:
+        lines = [l.strip() for l in body.splitlines() if l.strip()]
+        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
+    return _dedupe(s.strip().strip("\"'").strip() for s in items)
+
+
+def _dedupe(items):
+    """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
+    out = {}
+    for s in items:
+        if s:
+            out.setdefault(s.lower(), s)
+    return list(out.values())
+
+
+def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
+    """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class, choices merged; kw to llm_complete."""
+    out = {}
+    for name in classnames:
+        article = "an" if domain[:1].lower() in "aeiou" else "a"
+        prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
+        replies = llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
+        out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
+    return out
+
+
+def load_descriptions(path):
+    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, "
+                        f"not a {type(data).__name__}")
+    out = {}
+    for name, v in data.items():
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
+        out[name] = [s.strip() for s in v if s.strip()]
+    return out

@@ -1,28 +1,26 @@
 """Co-Reg: CLIP as a noisy partial annotator, then collaborative consistency regularisation.
 
 Wang et al., "Pre-Trained Vision-Language Models as Partial Annotators" (arXiv 2406.18550).
-1. Annotate: CLIP labels every training image once per prompt template (27 by default); the union of
-   the per-template top-1 classes is the image's candidate set S, which may miss the true class.
-2. Train two small networks from scratch (PreAct-ResNet-18) on (image, S): a partial-CE warm-up, then
-   each epoch each network splits the pool into clean / noisy by a 2-component GMM on its loss
-   (co-divide), and the *other* network trains on that split with co-refined (clean) and co-guessed
-   (noisy) sharpened targets under MixUp (DivideMix-style), plus a prototype alignment loss and a
-   noisy supervised contrastive loss (PiCO-style, with a MoCo queue).
+1. Annotate: CLIP labels every training image once per prompt template (27 by default); the union of the per-template
+   top-1 classes is the image's candidate set S, which may miss the true class.
+2. Train two small networks from scratch (PreAct-ResNet-18) on (image, S): a partial-CE warm-up, then each epoch each
+   network splits the pool into clean / noisy by a 2-component GMM on its loss (co-divide), and the *other* network
+   trains on that split with co-refined (clean) and co-guessed (noisy) sharpened targets under MixUp (DivideMix-style),
+   plus a prototype alignment loss and a noisy supervised contrastive loss (PiCO-style, with a MoCo queue).
 3. Deploy the two networks (summed logits): no CLIP at test time, a fraction of its size.
-"Step n" refers to the numbered summary in docs/coreg.md, which also lists where the released code
-(Portugas0807/Co-Reg) differs from a plain reading and what we follow; equation numbers are not cited
-because the paper's numbering was not available offline.
+"Step n" refers to docs/coreg.md, which also lists where the release (Portugas0807/Co-Reg) differs and what we follow.
 
     python coreg.py --data eurosat --image-size 64 --epochs 100       # paper setting (GPU)
-    python coreg.py --data demo     # = --arch narrow --epochs 16 --warm-up 8 --rampup 6 --start-cont 2 --batch-size 64 --lr 0.05
+    python coreg.py --data demo     # offline demo world on a CPU (DATASET_DEFAULTS)
     python coreg.py --data synthetic --clip-model tiny --pretrained none --arch narrow --epochs 3 --warm-up 1
 """
-import argparse
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
+
+import argparse  # noqa: E402
 import copy
-import json
 import math
-import sys
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,20 +29,17 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import common
+import data
 
-EMB_DIM = 128       # projection-head output
-MOCO_M = 0.999      # key-encoder and prototype EMA momentum
-TAU_PROTO = 0.3     # prototype similarity temperature
-TAU_CONT = 0.07     # contrastive temperature
-W_PROTO = 0.1       # weight_protocont
-W_CONT = 0.1        # weight_supcont_sepa
-HISTORY = 5         # co-divide averages the normalised loss over this many epochs
-
-
-# The demo world (demo.py) on a CPU: a narrow CNN and a short schedule in which λ_u still reaches full weight
-# (warm-up 8 + a ramp of 6 epochs instead of 16 + 2 at full weight: under 3 minutes on 2 cores); explicit flags
-# still win.
-DEMO_DEFAULTS = dict(arch="narrow", epochs=16, warm_up=8, rampup=6, start_cont=2, batch_size=64, lr=0.05)
+EMB_DIM = 128                    # projection-head output
+MOCO_M = 0.999                   # key-encoder and prototype EMA momentum
+TAU_PROTO, TAU_CONT = 0.3, 0.07  # temperatures: prototype similarity, contrastive loss
+W_PROTO, W_CONT = 0.1, 0.1       # the release's weight_protocont, weight_supcont_sepa
+HISTORY = 5                      # co-divide averages the normalised loss over this many epochs
+PCE_EPS = 1e-5                   # partial CE: -log(Σ_S p + ε), as released
+RANDAUG = v2.RandAugment(num_ops=1, magnitude=5)  # the strong view's extra op (strong_augment)
+# The demo world on a CPU: a narrow CNN and a short schedule in which λ_u still reaches full weight.
+DATASET_DEFAULTS = {"demo": dict(arch="narrow", epochs=10, warm_up=6, rampup=3, start_cont=1, batch_size=64, lr=0.05)}
 
 
 def parse_args(argv=None):
@@ -52,26 +47,28 @@ def parse_args(argv=None):
     common.add_common_args(p)
     # annotation (step 1)
     p.add_argument("--templates", default="small", choices=["small", "imagenet"],
-                   help="prompt set: the 27 imagenet_templates_small (paper default) or the 80 ImageNet ones")
+                   help="prompt set: the 27 imagenet_templates_small (paper, release strings) or the 80 ImageNet ones")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
     p.add_argument("--cand-k", type=common.positive_int, default=5, help="k for --cand-mode topk / ratio")
     # networks
     p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
                    help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
-    p.add_argument("--image-size", type=common.positive_int, default=32, help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
+    p.add_argument("--image-size", type=common.positive_int, default=32,
+                   help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
     p.add_argument("--queue-size", type=common.positive_int, default=8192, help="MoCo queue length")
     # method
     p.add_argument("--warm-up", type=common.nonneg_int, default=10,
-                   help="partial-CE warm-up epochs; 10 is DivideMix's CIFAR-10 value, chosen for the 100-epoch "
-                        "runs (the released code uses 50 for its 800-epoch runs, 100 on CIFAR-100)")
-    p.add_argument("--start-cont", type=common.nonneg_int, default=10, help="contrastive loss starts this many epochs after warm-up")
-    p.add_argument("--p-threshold", type=float, default=0.5, help="clean if GMM clean probability w > this")
-    p.add_argument("--T", type=float, default=0.5, help="sharpening temperature")
-    p.add_argument("--alpha", type=float, default=4.0, help="MixUp Beta(α, α)")
-    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
+                   help="partial-CE warm-up epochs (DivideMix's CIFAR-10 value for 100-epoch runs; release: 50 for "
+                        "800 epochs, 100 on CIFAR-100)")
+    p.add_argument("--start-cont", type=common.nonneg_int, default=10,
+                   help="prototype and contrastive losses start this many epochs after warm-up")
+    p.add_argument("--p-threshold", type=common.nonneg_float, default=0.5, help="clean if GMM clean probability > this")
+    p.add_argument("--T", type=common.positive_float, default=0.5, help="sharpening temperature")
+    p.add_argument("--alpha", type=common.positive_float, default=4.0, help="MixUp Beta(α, α)")
+    p.add_argument("--lambda-u", type=common.nonneg_float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
     p.add_argument("--rampup", type=common.positive_int, default=16,
-                   help="epochs of the linear λ_u ramp-up after warm-up (release: 16; demo: 8)")
+                   help="epochs of the linear λ_u ramp-up after warm-up (release: 16)")
     p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
                    help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
     # ablations: each switches off one component of the method (all on in the paper)
@@ -82,18 +79,17 @@ def parse_args(argv=None):
     p.add_argument("--divide", default="co", choices=["co", "self"],
                    help="co: each network trains on the other's division (paper); self: on its own")
     # optimisation
-    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (README: 100 for EuroSAT/FMNIST/FER/GTSRB)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
+    p.add_argument("--epochs", type=common.positive_int, default=100,
+                   help="training epochs (release README: 100 for EuroSAT/FMNIST/FER/GTSRB; it runs one more)")
+    p.add_argument("--batch-size", type=common.positive_int, default=256, help="batch size B (warm-up: 2B)")
+    p.add_argument("--lr", type=common.positive_float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
     p.add_argument("--cosine-epochs", type=common.positive_int, default=None,
                    help="cosine period; default = --epochs (the released code hard-codes 800)")
-    if p.parse_args(argv).data == "demo":
-        p.set_defaults(**DEMO_DEFAULTS)
-    return p.parse_args(argv)
+    return common.parse_args(p, argv, DATASET_DEFAULTS)
 
 
 # -----------------------------------------------------------------------------
 # Step 1. Annotation: CLIP with several prompt templates as a noisy partial annotator
-
 @torch.no_grad()
 def template_weights(model, tokenizer, classnames, templates, device, quiet=False):
     """One text classifier per prompt template. -> W [T, C, D], L2-normalised."""
@@ -102,44 +98,30 @@ def template_weights(model, tokenizer, classnames, templates, device, quiet=Fals
 
 
 def annotate(f_train, W):
-    """p^j = softmax(100 · f · W_jᵀ) for every template j. f_train [N, D], W [T, C, D] -> probs [T, N, C]."""
+    """p^j = softmax(100 · f · W_jᵀ) for every template j (100 as released). f [N, D], W [T, C, D] -> [T, N, C]."""
     return (100 * f_train @ W.transpose(1, 2)).softmax(-1)
 
 
 def candidate_sets(probs, mode="union", k=5, ratio=0.5):
-    """Candidate label sets S from per-template probabilities probs [T, N, C] -> bool [N, C].
-
-    union: ⋃_j {argmax_c p^j_c} (paper default); topk: the k most probable classes of the template-mean;
-    ratio: among those k, the classes with p >= ratio · p_max.
-    """
+    """Candidate label sets S from per-template probabilities probs [T, N, C] -> bool [N, C]."""
     C = probs.shape[-1]
-    if mode == "union":
+    if mode == "union":  # ⋃_j {argmax_c p^j_c} (paper)
         return F.one_hot(probs.argmax(-1), C).bool().any(0)  # [N, C]
-    p = probs.mean(0)  # [N, C]
-    top = p.topk(min(k, C), dim=1)
-    keep = torch.ones_like(top.values, dtype=torch.bool) if mode == "topk" else \
-        top.values >= ratio * top.values[:, :1]
+    p = probs.mean(0)  # [N, C] template mean
+    top = p.topk(min(k, C), dim=1)  # topk: its k most probable classes; ratio: those of them with p >= ratio · p_max
+    keep = torch.ones_like(top.values, dtype=torch.bool) if mode == "topk" else top.values >= ratio * top.values[:, :1]
     return torch.zeros_like(p, dtype=torch.bool).scatter_(1, top.indices, keep)
 
 
 def annotation_stats(probs, S, labels):
     """Mean |S|, coverage P(y ∈ S), and the accuracy of the single noisy CLIP label (template 0)."""
-    noisy_label = probs[0].argmax(1)  # [N]
     return {"cand_size": S.sum(1).float().mean().item(),
             "cand_coverage": S[torch.arange(len(labels)), labels].float().mean().item(),
-            "noisy_label_acc": common.accuracy(noisy_label, labels)}
+            "noisy_label_acc": common.accuracy(probs[0].argmax(1), labels)}
 
 
 # -----------------------------------------------------------------------------
-# Images in memory and their augmentations
-
-def decode_images(samples, labels, size, workers=0):
-    """Decode every image once, Resize + CenterCrop to `size`. -> uint8 [N, 3, size, size]"""
-    tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
-    loader = torch.utils.data.DataLoader(common.ImageList(samples, labels, tf), batch_size=512, num_workers=workers)
-    return torch.cat([x for x, _, _ in loader])
-
-
+# Images in memory (data.decode_images) and their augmentations
 def weak_augment(x, g):
     """RandomCrop(size, padding=size/8, zero fill) + horizontal flip, per image, on a uint8 batch [B, 3, H, W]."""
     B, C, H, W = x.shape
@@ -149,31 +131,25 @@ def weak_augment(x, g):
     j = torch.randint(0, 2 * pad + 1, (B, 1), generator=g) + torch.arange(W)  # [B, W] cols to keep
     out = xp[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None],
              i[:, None, :, None], j[:, None, None, :]]  # [B, 3, H, W]
-    flip = torch.rand(B, generator=g) < 0.5
+    flip = torch.rand(B, generator=g) < 0.5  # [B]
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
-RANDAUG = v2.RandAugment(num_ops=1, magnitude=5)
-
-
 def strong_augment(x, g, chunk=16):
-    """Weak view + torchvision RandAugment(1, 5). The released code uses its own `RandomAugment(1, 5)`
-    variant; ours is torchvision's, applied per chunk of 16 images (one op per chunk: 20x faster on CPU)."""
-    x = weak_augment(x, g)
+    """Weak view + torchvision's RandAugment(1, 5), one op per chunk of 16 images. uint8 [B, 3, H, W] -> same."""
+    x = weak_augment(x, g)  # the release has its own RandomAugment(1, 5); one op per chunk is 20x faster on CPU
     with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: seed it from g, locally
         torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
         return torch.cat([RANDAUG(c) for c in x.split(chunk)])
 
 
 def to_input(x, mean, std, device):
-    """uint8 [B, 3, H, W] -> normalised float32 on device, channels-last in memory (the shape is unchanged; the
-    convolutions run 1.6-1.8x faster on a CPU this way, measured on the narrow CNN at batch 256)."""
+    """uint8 [B, 3, H, W] -> normalised float32 on device, channels-last (1.6-1.8x faster CPU convolutions)."""
     return ((x.to(device).float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 # -----------------------------------------------------------------------------
 # Networks: PreAct-ResNet-18 (or a narrow CNN) + linear classifier + 128-d projection head
-
 class PreActBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -184,7 +160,7 @@ class PreActBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
-        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+        return self.conv2(F.relu(self.bn2(self.conv1(out)), inplace=True)) + skip
 
 
 def encoder(arch):
@@ -192,14 +168,13 @@ def encoder(arch):
     if arch == "preact18":
         layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False)], 64
         for stage, cout in enumerate((64, 128, 256, 512)):
-            for b in range(2):
-                layers.append(PreActBlock(cin, cout, 2 if stage > 0 and b == 0 else 1))
-                cin = cout
-        layers += [nn.BatchNorm2d(cin), nn.ReLU()]
+            layers += [PreActBlock(cin, cout, 2 if stage > 0 else 1), PreActBlock(cout, cout, 1)]
+            cin = cout
+        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
     else:  # narrow: 4 × (conv-BN-ReLU), widths 16..128, max-pool between (~0.1 M parameters)
         layers, cin = [], 3
         for stage, cout in enumerate((16, 32, 64, 128)):
-            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
             layers += [nn.MaxPool2d(2)] if stage < 3 else []
             cin = cout
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), cin
@@ -207,7 +182,6 @@ def encoder(arch):
 
 class CoRegNet(nn.Module):
     """image -> (logits [B, C], L2-normalised embedding [B, 128]); `head` is used for training only."""
-
     def __init__(self, arch, num_classes):
         super().__init__()
         self.encoder, dim = encoder(arch)
@@ -220,9 +194,10 @@ class CoRegNet(nn.Module):
 
 
 def build_net(arch, num_classes, seed, device):
+    """A CoRegNet initialised from `seed`, channels-last on device (see to_input)."""
     with torch.random.fork_rng(devices=[]):  # nn.init uses the global RNG: seed it locally
         torch.manual_seed(seed)
-        return CoRegNet(arch, num_classes).to(device, memory_format=torch.channels_last)  # see to_input
+        return CoRegNet(arch, num_classes).to(device, memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -243,18 +218,15 @@ def predict(net, x, mean, std, device, bs=1024):
 
 # -----------------------------------------------------------------------------
 # Step 2. Warm-up on the partial labels
-
 def mean_or_zero(v):
     """Mean over the batch, 0 (still a graph node) for an empty batch."""
     return v.mean() if v.numel() else v.sum()
 
 
-def partial_ce(logits, S):
-    """−log Σ_{j∈S} p_j, averaged over samples whose S is not every class (those carry no information).
-    logits [B, C], S bool [B, C] -> scalar."""
-    keep = ~S.all(1)  # [B]
-    loss = logits.logsumexp(1) - logits.masked_fill(~S, float("-inf")).logsumexp(1)  # [B]
-    return mean_or_zero(loss[keep])
+def partial_ce(logits, S, eps=PCE_EPS):
+    """−log(Σ_{j∈S} p_j + ε), mean over samples whose S is not every class. logits [B, C], S bool [B, C] -> scalar"""
+    loss = -((logits.softmax(1) * S).sum(1) + eps).log()  # [B]; ε (release) bounds it, damps confident mistakes
+    return mean_or_zero(loss[~S.all(1)])  # an S of every class carries no information
 
 
 def neg_entropy(logits):
@@ -262,41 +234,39 @@ def neg_entropy(logits):
     return (logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
 
 
-def batch_stream(idx, B, n_iter, g):
-    """n_iter batches of min(B, len(idx)) indices, reshuffled each pass. -> [n_iter, b] (b = 0 if idx is empty)"""
-    b = min(B, len(idx))
-    if b == 0:
-        return idx.new_zeros(n_iter, 0)
-    passes = math.ceil(n_iter * b / len(idx))
-    flat = torch.cat([idx[torch.randperm(len(idx), generator=g)] for _ in range(passes)])
-    return flat[:n_iter * b].view(n_iter, b)
+def one_pass(idx, B, g):
+    """One shuffled pass over idx in batches of B, the last one short (a shuffled DataLoader). -> list of [≤B]"""
+    return list(idx[torch.randperm(len(idx), generator=g)].split(B)) if len(idx) else []
 
 
-def warmup_epoch(net, opt, x_train, S, pred_dist, mean, std, B, g, device, quiet):
-    """One epoch of partial CE + confidence penalty on strong views, batch 2B (step 2).
-    Each batch's predictions are written into the DA buffer pred_dist [N, C] (in place), as in the release."""
+def cycled(idx, B, n, g):
+    """n batches from passes over idx, each reshuffled; n empty batches for an empty idx. -> list of [≤B]"""
+    out = []
+    while len(out) < n and len(idx):  # the release restarts the noisy loader when it runs out
+        out += one_pass(idx, B, g)
+    return out[:n] if len(idx) else [idx[:0]] * n
+
+
+def warmup_epoch(net, opt, pred_dist, ctx):
+    """Step 2: partial CE + confidence penalty on strong views, batch 2B, every image once. -> dict(loss)"""
     net.train()
-    N = len(x_train)
-    batches = batch_stream(torch.arange(N), 2 * B, math.ceil(N / (2 * B)), g)
-    total = 0.0
-    for idx in common.progress(batches, "warm-up", quiet):
-        logits, _ = net(to_input(strong_augment(x_train[idx], g), mean, std, device))
-        pred_dist[idx] = logits.detach().float().softmax(1).cpu()
-        loss = partial_ce(logits, S[idx].to(device)) + neg_entropy(logits)
+    batches, total = one_pass(torch.arange(len(ctx.x)), 2 * ctx.B, ctx.g), 0.0
+    for idx in common.progress(batches, "warm-up", ctx.quiet):
+        logits, _ = net(to_input(strong_augment(ctx.x[idx], ctx.g), ctx.mean, ctx.std, ctx.device))
+        pred_dist[idx] = logits.detach().float().softmax(1).cpu()  # the DA buffer [N, C], in place (release)
+        loss = partial_ce(logits, ctx.S[idx].to(ctx.device)) + neg_entropy(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += loss.item()
-    return total / len(batches)
+    return {"loss": total / len(batches)}
 
 
 # -----------------------------------------------------------------------------
 # Step 3. Co-divide: a GMM on each network's candidate loss splits the pool into clean and noisy
-
 def distribution_alignment(p, pred_dist, prior):
-    """DA: p ← p · prior / mean_i pred_dist_i, rows renormalised. p [B, C]; pred_dist [N, C] is the running
-    buffer of every image's latest prediction (not this batch's mean); prior [C] -> [B, C]"""
-    q = p * prior / pred_dist.mean(0).clamp_min(1e-12)
+    """DA: p ← p · prior / mean_i pred_dist_i, rows renormalised. p [B, C], pred_dist [N, C], prior [C] -> [B, C]"""
+    q = p * prior / pred_dist.mean(0).clamp_min(1e-12)  # the buffer of every image's latest prediction, not the batch
     return q / q.sum(1, keepdim=True)
 
 
@@ -306,19 +276,13 @@ def maxi_cand_loss(p, S):
 
 
 def gmm_1d(x, max_iter=10, tol=1e-2, reg_covar=5e-4):
-    """EM for a 2-component 1-D Gaussian mixture (sklearn GaussianMixture semantics, DivideMix's settings).
-
-    x [N] -> (posterior of the lower-mean component [N], means [2]). Initialised at the 25th/75th
-    percentiles (sklearn initialises with k-means; both are deterministic for well-separated data).
-    """
+    """EM for a 2-component 1-D GMM (sklearn semantics, DivideMix's settings). x [N] -> (p(low-mean) [N], means [2])"""
     x = x.double()[:, None]  # [N, 1]
-    mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype))[None, :]  # [1, 2]
-    var = (x.var() + reg_covar).expand(1, 2).clone()  # [1, 2]
-    pi = torch.full((1, 2), 0.5, dtype=x.dtype)
+    mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype))[None, :]  # [1, 2]; sklearn starts from k-means
+    var, pi = (x.var() + reg_covar).expand(1, 2).clone(), torch.full((1, 2), 0.5, dtype=x.dtype)  # [1, 2] each
 
     def log_joint():  # log π_k + log N(x | μ_k, σ²_k)  -> [N, 2]
         return pi.log() - 0.5 * (2 * math.pi * var).log() - (x - mu) ** 2 / (2 * var)
-
     prev = -math.inf
     for _ in range(max_iter):
         lj = log_joint()
@@ -336,15 +300,14 @@ def gmm_1d(x, max_iter=10, tol=1e-2, reg_covar=5e-4):
 
 
 @torch.no_grad()
-def eval_pass(net, x_train, pred_dist, prior, B, g, mean, std, device, da=True):
-    """Eval-mode predictions on weak views, in order, in batches of B. With DA, each batch first overwrites its
-    rows of the buffer pred_dist [N, C] (in place) and is then aligned with the buffer's mean, so later
-    batches see more of this pass (the release's eval_train). -> p [N, C]"""
+def eval_pass(net, pred_dist, prior, ctx, da=True):
+    """Eval-mode predictions on weak views, in order, in batches of B (the release's eval_train). -> p [N, C]"""
     net.eval()
     out = []
-    for idx in torch.arange(len(x_train)).split(B):
-        p = net(to_input(weak_augment(x_train[idx], g), mean, std, device))[0].float().softmax(1).cpu()  # [b, C]
-        if da:
+    for idx in torch.arange(len(ctx.x)).split(ctx.B):
+        x = to_input(weak_augment(ctx.x[idx], ctx.g), ctx.mean, ctx.std, ctx.device)
+        p = net(x)[0].float().softmax(1).cpu()  # [b, C]
+        if da:  # its rows of the buffer pred_dist first (in place), then align: later batches see more of this pass
             pred_dist[idx] = p
             p = distribution_alignment(p, pred_dist, prior)
         out.append(p)
@@ -352,30 +315,24 @@ def eval_pass(net, x_train, pred_dist, prior, B, g, mean, std, device, da=True):
 
 
 def co_divide(p, S, history, p_threshold):
-    """One network's division of the pool from its (DA-aligned) predictions p [N, C] (step 3).
-    -> dict(w [N], clean bool [N], s_hat [N, C]).
-
-    s_hat is p restricted to S and renormalised: the *other* network's co-refinement target for the clean split.
-    """
+    """Step 3: one network's division from its DA-aligned p [N, C]. -> dict(w [N], clean bool [N], s_hat [N, C])"""
     loss = maxi_cand_loss(p, S)  # [N]
     history.append((loss - loss.min()) / (loss.max() - loss.min()).clamp_min(1e-12))  # min-max normalised
     del history[:-HISTORY]
     w, _ = gmm_1d(torch.stack(history).mean(0))  # [N]
-    s_hat = p * S
+    s_hat = p * S  # p restricted to S and renormalised: the *other* network's co-refinement target
     return {"w": w, "clean": w > p_threshold, "s_hat": s_hat / s_hat.sum(1, keepdim=True).clamp_min(1e-12)}
 
 
-def divide(st, x_train, S, prior, p_threshold, B, g, mean, std, device, da=True):
-    """Start of one network's co-training epoch: re-copy its key encoder from the query network (release:
-    init_key_encoder every epoch), then eval pass + co-divide. st: dict(net, key, pred_dist, loss_history)."""
+def divide(st, prior, ctx, args):
+    """Re-copy the key encoder (release: every epoch), then eval pass + co-divide. st: dict(net, key, pred_dist, ...)"""
     st["key"].load_state_dict(st["net"].state_dict())
-    p = eval_pass(st["net"], x_train, st["pred_dist"], prior, B, g, mean, std, device, da)  # [N, C]
-    return co_divide(p, S, st["loss_history"], p_threshold)
+    p = eval_pass(st["net"], st["pred_dist"], prior, ctx, args.da)  # [N, C]
+    return co_divide(p, ctx.S, st["loss_history"], args.p_threshold)
 
 
 # -----------------------------------------------------------------------------
 # Steps 4-5. Co-pseudo-labeling (co-refinement, co-guessing) and MixUp self-training
-
 def sharpen(p, T):
     """p^(1/T), renormalised. [B, C] -> [B, C]"""
     p = p ** (1 / T)
@@ -388,67 +345,63 @@ def co_refine(s_hat, w, p_own, T):
 
 
 def mixup(x, t, alpha, g):
-    """λ ~ Beta(α, α), λ = max(λ, 1 − λ) (each mix stays nearer its own sample); pairs from a permutation.
-    x [B, ...], t [B, C] -> (mixed x, mixed t); every mixed target still sums to 1."""
+    """MixUp with λ ~ Beta(α, α), partners from a permutation. x [B, ...], t [B, C] -> (mixed x, mixed t, λ, perm)"""
     lam = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=g))).beta(alpha, alpha)
-    lam = max(lam, 1 - lam)
+    lam = max(lam, 1 - lam)  # each mix stays nearer its own sample
     perm = torch.randperm(len(x), generator=g).to(x.device)
-    return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+    return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm], lam, perm
 
 
-def lambda_u_ramp(epoch, it, n_iter, warm_up, lambda_u, length=16):
-    """λ_u · clip((epoch + it/n_iter − warm_up) / 16, 0, 1): DivideMix's linear ramp-up, stepped per iteration;
-    0 at the first co-training step, full weight 16 epochs later."""
-    return lambda_u * min(max((epoch + it / n_iter - warm_up) / length, 0.0), 1.0)
+def lambda_u_ramp(progress, warm_up, lambda_u, length=16):
+    """DivideMix's ramp λ_u · clip((progress − warm_up) / length, 0, 1), progress = epoch + it / ramp_steps."""
+    return lambda_u * min(max((progress - warm_up) / length, 0.0), 1.0)
+
+
+def ramp_steps(n_clean, B):
+    """The ramp's iterations per epoch as released, ⌊n_clean / B⌋ + 1: one more than it runs when B divides n_clean."""
+    return n_clean // B + 1
 
 
 def semi_loss(logits_x, t_x, logits_u, t_u):
     """DivideMix's SemiLoss: soft CE on the clean part, MSE of probabilities (mean over B·C) on the noisy part."""
     loss_x = mean_or_zero(-(t_x * logits_x.log_softmax(1)).sum(1))
-    loss_u = mean_or_zero((logits_u.softmax(1) - t_u) ** 2)
-    return loss_x, loss_u
+    return loss_x, mean_or_zero((logits_u.softmax(1) - t_u) ** 2)
 
 
 # -----------------------------------------------------------------------------
 # Step 6. Prototypical similarity alignment
-
 @torch.no_grad()
 def update_prototypes(protos, emb, labels, m=MOCO_M):
-    """Per-sample EMA of class prototypes, then every row renormalised once per batch (release; rows never
-    updated stay zero). protos [C, 128] (in place), emb [B, 128], labels [B]."""
+    """Per-sample EMA of the class prototypes. protos [C, 128] (in place), emb [B, 128], labels [B]."""
     for e, c in zip(emb, labels.tolist()):
         protos[c] = m * protos[c] + (1 - m) * e
-    protos.copy_(F.normalize(protos, dim=1))
+    protos.copy_(F.normalize(protos, dim=1))  # once per batch, as released; rows never updated stay zero
 
 
-def proto_loss(emb, protos, t, n_x, lambda_u):
-    """KL(t ‖ softmax(emb·protoᵀ/τ)) on the first n_x (clean) rows + λ_u · MSE on the rest (noisy).
-    The release passes the unramped λ_u here (the ramp applies to the MSE of SemiLoss only)."""
+def proto_loss(emb, protos, t_a, t_b, lam, n_x, lambda_u):
+    """λ·L(t_a) + (1 − λ)·L(t_b), L = KL on the n_x clean rows + λ_u · MSE on the rest. emb [B, 128] -> scalar"""
     logits = emb @ protos.T / TAU_PROTO  # [B, C]
-    kl = F.kl_div(logits[:n_x].log_softmax(1), t[:n_x], reduction="sum") / max(n_x, 1)
-    mse = mean_or_zero((logits[n_x:].softmax(1) - t[n_x:]) ** 2)
-    return kl + lambda_u * mse
+    log_p, p_u = logits[:n_x].log_softmax(1), logits[n_x:].softmax(1)
+
+    def part(t):  # KL(t ‖ softmax(emb · protoᵀ / τ)); the release passes the unramped λ_u (the ramp is SemiLoss's)
+        kl = F.kl_div(log_p, t[:n_x], reduction="sum") / max(n_x, 1)  # 'batchmean'
+        return kl + lambda_u * mean_or_zero((p_u - t[n_x:]) ** 2)
+    return lam * part(t_a) + (1 - lam) * part(t_b)  # L(λ t_a + (1 − λ) t_b)'s gradient, the release's value
 
 
 # -----------------------------------------------------------------------------
 # Step 7. Noisy supervised contrastive learning with a MoCo queue
-
 def supcon_mask(labels, clean, labels_queue, clean_queue):
-    """Positives and valid pairs for the noisy SupCon loss over the contrast set [q, k, queue] (release).
-    labels/clean [B] are the queries' (and their own keys'), *_queue [Q]. -> (pos bool [B, 2B+Q], valid bool [B, 2B+Q]).
-
-    self (column i) is excluded; positive: same pseudo-label and both clean, or the query's own key (B+i);
-    ignored (not valid): same label but one of the two is noisy; every other pair is a negative.
-    """
+    """Positive and valid pairs over the contrast set [q, k, queue] (release). [B], [Q] -> bool [B, 2B+Q] each"""
     B = len(labels)
     labels_all, clean_all = torch.cat([labels, labels, labels_queue]), torch.cat([clean, clean, clean_queue])
     same = labels[:, None] == labels_all[None, :]  # [B, 2B+Q]
     both_clean = clean[:, None] & clean_all[None, :]  # [B, 2B+Q]
     own, self_ = torch.zeros_like(same), torch.zeros_like(same)
-    own[:, B:2 * B] = torch.eye(B, dtype=torch.bool, device=own.device)
-    self_[:, :B] = torch.eye(B, dtype=torch.bool, device=own.device)
+    own[:, B:2 * B] = torch.eye(B, dtype=torch.bool, device=own.device)  # the query's own key
+    self_[:, :B] = torch.eye(B, dtype=torch.bool, device=own.device)  # itself, never a pair
     pos = ((same & both_clean) | own) & ~self_
-    return pos, (~same | both_clean | own) & ~self_
+    return pos, (~same | both_clean | own) & ~self_  # same label with one of the two noisy: ignored
 
 
 def supcon_loss(q, contrast, pos, valid, tau=TAU_CONT):
@@ -459,24 +412,22 @@ def supcon_loss(q, contrast, pos, valid, tau=TAU_CONT):
 
 
 def contrastive_step(st, s1, s2, labels, clean, on):
-    """MoCo bookkeeping at every co-training iteration (EMA of the key encoder, enqueue its s2 keys) and, when
-    `on`, the noisy SupCon loss of the s1 queries against [q, k, queue]. -> scalar (0 when off)."""
+    """MoCo step of every co-training iteration (release); noisy SupCon of q vs [q, k, queue] if `on`. -> scalar"""
     with torch.no_grad():
         ema_update(st["key"], st["net"])
         k = st["key"](s2)[1]  # [B', 128]
-    loss = torch.zeros((), device=k.device)
-    if on:
-        queue = st["queue"]
+    with torch.set_grad_enabled(on):  # the query pass runs (its BN statistics update) even while the loss is off
         q = st["net"](s1)[1]  # [B', 128]
+    queue, loss = st["queue"], torch.zeros((), device=k.device)
+    if on:
         pos, valid = supcon_mask(labels, clean, queue["labels"], queue["clean"])
         loss = supcon_loss(q, torch.cat([q, k, queue["emb"]]), pos, valid)  # [2B' + Q, 128] contrasts
-    enqueue(st["queue"], k, labels, clean)
+    enqueue(queue, k, labels, clean)
     return loss
 
 
 def new_queue(size, num_classes, g, device):
-    """Ring buffer of (embedding [Q, 128], pseudo-label [Q], clean flag [Q]), random at the start and read in
-    full from the first step (MoCo/PiCO, release): random unit embeddings, labels and flags."""
+    """Ring buffer of random unit embeddings [Q, 128], labels and clean flags [Q], read in full from step 1."""
     return {"emb": F.normalize(torch.randn(size, EMB_DIM, generator=g), dim=1).to(device), "ptr": 0,
             "labels": torch.randint(num_classes, (size,), generator=g).to(device),
             "clean": (torch.rand(size, generator=g) < 0.5).to(device)}
@@ -492,151 +443,156 @@ def enqueue(queue, k, labels, clean):
 
 # -----------------------------------------------------------------------------
 # One co-training epoch of one network on the other network's division (steps 4-7)
+@torch.no_grad()
+def co_targets(net, other, x_views, u_views, s_hat, w, T):
+    """Co-refined t_x [n_x, C], co-guessed t_u [n_u, C] and x_w1's embedding from two weak views each (steps 4-5)."""
+    t_u = None  # one batch per view, in the release's order u_w1, u_w2, x_w1, x_w2 (BatchNorm statistics per batch)
+    if len(u_views[0]):
+        p_u = [net(u)[0].softmax(1) for u in u_views] + [other(u)[0].softmax(1) for u in u_views]
+        t_u = sharpen(sum(p_u) / 4, T)  # [n_u, C]: own and other network, both views
+    (l1, e1), (l2, _) = net(x_views[0]), net(x_views[1])
+    t_x = co_refine(s_hat, w, (l1.softmax(1) + l2.softmax(1)) / 2, T)  # [n_x, C]
+    return t_x, t_u if t_u is not None else t_x[:0], e1
 
-def train_epoch(st, other, div, protos, x_train, args, epoch, B, g, mean, std, device, pl, quiet):
-    """st: this network's state dict(net, key, opt, queue); div: the division it trains on (the *other*
-    network's, or its own with --divide self); protos [C, 128]: the class prototypes both networks share."""
-    net, n_c = st["net"], div["clean"].sum().item()
-    net.train(), st["key"].train(), other.eval()
+
+def train_step(st, other, div, bx, bu, ctx, args, sched):
+    """One co-training iteration on clean bx and noisy bu (pool indices); sched = (λ_u, cont_on). -> loss parts"""
+    lam_u, cont_on = sched
+    net, n_x, dev = st["net"], len(bx), ctx.device
+    weak = lambda b: tuple(to_input(weak_augment(ctx.x[b], ctx.g), ctx.mean, ctx.std, dev) for _ in range(2))
+    x_w, u_w = weak(bx), weak(bu)  # the release augments each split in its own loader
+    t_x, t_u, e1 = co_targets(net, other, x_w, u_w, div["s_hat"][bx].to(dev), div["w"][bx].to(dev), args.T)
+    ix = torch.cat([bx, bu])
+    s1, s2 = (to_input(strong_augment(ctx.x[ix], ctx.g), ctx.mean, ctx.std, dev) for _ in range(2))
+    inputs = torch.cat([s1[:n_x], s2[:n_x], s1[n_x:], s2[n_x:]])  # [x_s1, x_s2, u_s1, u_s2]
+    t_all = torch.cat([t_x, t_x, t_u, t_u])
+    mixed, t_mix, lam, perm = mixup(inputs, t_all, args.alpha, ctx.g) if args.mixup else \
+        (inputs, t_all, 1.0, torch.arange(len(inputs), device=dev))
+    logits, emb = net(mixed)
+    loss_x, loss_u = semi_loss(logits[:2 * n_x], t_mix[:2 * n_x], logits[2 * n_x:], t_mix[2 * n_x:])
+    update_prototypes(ctx.protos, e1, t_x.argmax(1))  # weak-view embeddings of the clean split
+    loss_p = W_PROTO * proto_loss(emb, ctx.protos, t_all, t_all[perm], lam, 2 * n_x, args.lambda_u)
+    t = torch.cat([t_x, t_u])
+    clean = torch.arange(len(ix), device=dev) < n_x  # [B'] clean flags
+    loss_c = W_CONT * contrastive_step(st, s1, s2, t.argmax(1), clean, cont_on and args.supcon)
+    loss_p = loss_p if cont_on and args.proto else loss_p.detach() * 0
+    loss = loss_x + lam_u * loss_u + loss_p + loss_c
+    st["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    st["opt"].step()
+    ctx.pl[ix] = t.argmax(1).cpu()  # current targets, for the pl-acc report only
+    return {"loss": loss.item(), "x": loss_x.item(), "u": lam_u * loss_u.item(), "proto": loss_p.item(),
+            "cont": loss_c.item()}
+
+
+def train_epoch(st, other, div, ctx, args, epoch):
+    """One pass over the clean split of div, the noisy one cycled alongside (none if none is clean). -> mean losses"""
+    st["net"].train(), st["key"].train(), other.eval()
     idx_x, idx_u = div["clean"].nonzero().flatten(), (~div["clean"]).nonzero().flatten()
-    n_iter = max(1, math.ceil(max(n_c, 1) / B))
+    clean_batches = one_pass(idx_x, ctx.B, ctx.g)
+    batches = list(zip(clean_batches, cycled(idx_u, ctx.B, len(clean_batches), ctx.g)))
     cont_on = epoch > args.warm_up + args.start_cont  # release: prototype loss and SupCon only after this epoch
-    sums = dict.fromkeys(["loss", "x", "u", "proto", "cont"], 0.0)
-    batches = zip(batch_stream(idx_x, B, n_iter, g), batch_stream(idx_u, B, n_iter, g))
-    for it, (bx, bu) in enumerate(common.progress(list(batches), f"epoch {epoch + 1}", quiet)):
-        lam_u = lambda_u_ramp(epoch, it, n_iter, args.warm_up, args.lambda_u, args.rampup)
-        n_x, ix = len(bx), torch.cat([bx, bu])
-        imgs = x_train[ix]  # uint8 [n_x + n_u, 3, H, W]
-        w1, w2 = (to_input(weak_augment(imgs, g), mean, std, device) for _ in range(2))
-        with torch.no_grad():  # targets: co-refinement (clean rows) and co-guessing (noisy rows)
-            (l1, e1), (l2, _) = net(w1), net(w2)
-            p_own = (l1.softmax(1) + l2.softmax(1)) / 2  # [B', C]
-            p_oth = (other(w1[n_x:])[0].softmax(1) + other(w2[n_x:])[0].softmax(1)) / 2
-            t_x = co_refine(div["s_hat"][bx].to(device), div["w"][bx].to(device), p_own[:n_x], args.T)
-            t_u = sharpen((p_own[n_x:] + p_oth) / 2, args.T)
-            t = torch.cat([t_x, t_u])  # [B', C]
-        s1, s2 = (to_input(strong_augment(imgs, g), mean, std, device) for _ in range(2))
-        inputs = torch.cat([s1[:n_x], s2[:n_x], s1[n_x:], s2[n_x:]])  # [x_s1, x_s2, u_s1, u_s2]
-        targets = torch.cat([t_x, t_x, t_u, t_u])
-        mixed, t_mix = mixup(inputs, targets, args.alpha, g) if args.mixup else (inputs, targets)
-        logits, emb = net(mixed)
-        loss_x, loss_u = semi_loss(logits[:2 * n_x], t_mix[:2 * n_x], logits[2 * n_x:], t_mix[2 * n_x:])
-        loss = loss_x + lam_u * loss_u
-        update_prototypes(protos, e1[:n_x], t_x.argmax(1))  # weak-view embeddings of the clean split
-        loss_p = W_PROTO * proto_loss(emb, protos, t_mix, 2 * n_x, args.lambda_u) if cont_on and args.proto \
-            else torch.zeros((), device=device)
-        clean = torch.arange(len(ix), device=device) < n_x  # [B'] clean flags
-        loss_c = W_CONT * contrastive_step(st, s1, s2, t.argmax(1), clean, cont_on and args.supcon)
-        loss = loss + loss_p + loss_c
-        st["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        st["opt"].step()
-        pl[ix] = t.argmax(1).cpu()  # current targets, for the pl-acc report only
-        for key, v in zip(sums, (loss, loss_x, lam_u * loss_u, loss_p, loss_c)):
-            sums[key] += v.item() / n_iter
-    sums["lambda_u"] = lam_u
-    return sums
+    sums, n_ramp, lam_u = dict.fromkeys(["loss", "x", "u", "proto", "cont"], 0.0), ramp_steps(len(idx_x), ctx.B), 0.0
+    for it, (bx, bu) in enumerate(common.progress(batches, f"epoch {epoch + 1}", ctx.quiet)):
+        lam_u = lambda_u_ramp(epoch + it / n_ramp, args.warm_up, args.lambda_u, args.rampup)
+        for key, v in train_step(st, other, div, bx, bu, ctx, args, (lam_u, cont_on)).items():
+            sums[key] += v / len(batches)
+    return {**sums, "lambda_u": lam_u}
 
 
 # -----------------------------------------------------------------------------
-# Optimisation schedule
+# main: the steps in order
+def build_states(args, C, N, g, device):
+    """Two networks, each with a MoCo key encoder, an optimiser, a queue, a loss history and a DA buffer."""
+    nets = [build_net(args.arch, C, 1000 * args.seed + k, device) for k in range(2)]
+    return [{"net": net, "key": copy.deepcopy(net).requires_grad_(False),
+             "opt": torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4),
+             "queue": new_queue(args.queue_size, C, g, device), "loss_history": [],
+             "pred_dist": torch.full((N, C), 1.0 / C)} for net in nets]  # DA buffer: each image's latest prediction
 
-def cosine_lr(epoch, lr, period):
-    """Cosine from lr to lr·1e-3 over `period` epochs (the released code: period = 800 whatever --epochs)."""
-    lr_min = lr * 1e-3
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(epoch, period) / period))
+
+def run_epoch(states, ctx, args, epoch, prior):
+    """Step 2 (warm-up) or steps 3-7 (co-divide, then each network on the other's division). -> (losses, clean)"""
+    for st in states:
+        for group in st["opt"].param_groups:
+            group["lr"] = args.lr * common.cosine(epoch, args.cosine_epochs or args.epochs, floor=1e-3)
+    if epoch < args.warm_up:
+        return [warmup_epoch(st["net"], st["opt"], st["pred_dist"], ctx) for st in states], None
+    divs = [divide(st, prior, ctx, args) for st in states]
+    losses = [train_epoch(states[k], states[1 - k]["net"], divs[1 - k if args.divide == "co" else k], ctx, args,
+                          epoch) for k in range(2)]
+    return losses, sum(dv["clean"].float().mean().item() for dv in divs) / 2
+
+
+def log_epoch(epoch, args, losses, clean, accs, ctx, y_train, t0):
+    """One fixed-format line per epoch. -> the history row"""
+    row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont", "lambda_u")}
+    row.update(epoch=epoch + 1, clean=clean, pl_acc=common.accuracy(ctx.pl, y_train), acc=accs[2],
+               time_s=round(common.time.time() - t0, 2))
+    common.check_finite(row["loss"], f"the loss of epoch {epoch + 1}")
+    print(f"epoch {epoch + 1}/{args.epochs} | loss {row['loss']:.3f} (x {row['x']:.3f}, u {row['u']:.3f}, "
+          f"proto {row['proto']:.3f}, cont {row['cont']:.3f}) | clean {'-' if clean is None else f'{clean:.2f}'} | "
+          f"pl-acc {100 * row['pl_acc']:.1f} | acc {100 * accs[2]:.1f} | {row['time_s']:.1f}s", flush=True)
+    return row
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.epochs < 1:
-        raise common.UserError("--epochs must be at least 1")
-    start = time.time()
-    config = vars(args)
-    print(json.dumps(config))
-    device = common.get_device(args.device)
-    common.set_seed(args.seed)
+    run = common.start_run(args, f"runs/coreg-{args.data}-seed{args.seed}")
+    d = common.prepare(args, run.device)
+    C, N = len(d.classnames), len(d.y_train)
     g = torch.Generator().manual_seed(args.seed)  # data order, augmentations, MixUp
-    quiet = args.quiet or not sys.stdout.isatty()
-    d = common.prepare(args, device)
-    classnames, y_train, y_test = d["classnames"], d["y_train"], d["y_test"]
-    C, N = len(classnames), len(y_train)
-
-    # step 1 annotation: per-template CLIP probabilities -> candidate sets
-    templates = common.get_templates(args.templates)
-    W = template_weights(d["model"], d["tokenizer"], classnames, templates, device, quiet)  # [T, C, D]
-    probs = annotate(d["f_train"], W)  # [T, N, C]
+    templates = common.get_templates(args.templates)  # step 1 annotation: per-template CLIP probabilities -> S
+    W = template_weights(d.model, d.tokenizer, d.classnames, templates, run.device, args.quiet)  # [T, C, D]
+    probs = annotate(d.f_train, W)  # [T, N, C]
     S = candidate_sets(probs, args.cand_mode, k=args.cand_k)  # [N, C]
-    ann = annotation_stats(probs, S, y_train)
-    W_ens = F.normalize(W.mean(0), dim=-1)  # [C, D]: prompt ensemble, the zero-shot baseline
-    ann["zeroshot_test_acc"] = common.accuracy((d["f_test"] @ W_ens.T).argmax(1), y_test)
+    ann = annotation_stats(probs, S, d.y_train)
+    ann["zeroshot_test_acc"] = common.accuracy((d.f_test @ F.normalize(W.mean(0), dim=-1).T).argmax(1), d.y_test)
+    prompt_set = common.PROMPT_SET_NAMES[args.templates]
     print(f"annotation | {len(templates)} templates | mean |S| {ann['cand_size']:.2f} | coverage "
-          f"{100 * ann['cand_coverage']:.1f} | noisy-label acc {100 * ann['noisy_label_acc']:.1f} | "
-          f"zero-shot test acc {100 * ann['zeroshot_test_acc']:.1f}")
-    clip_params = sum(p.numel() for p in d["model"].visual.parameters())
-    pl = probs[0].argmax(1)  # [N] current pseudo-labels (reported only), starting from the noisy CLIP label
-
-    # images: decoded once into memory; augmentation on uint8 tensors
-    x_train = decode_images(d["train"], y_train, args.image_size, args.workers)  # [N, 3, H, W]
-    x_test = decode_images(d["test"], y_test, args.image_size, args.workers)
-    mean = (x_train.float() / 255).mean((0, 2, 3)).view(1, 3, 1, 1).to(device)  # pool statistics
-    std = (x_train.float() / 255).std((0, 2, 3)).view(1, 3, 1, 1).to(device)
-
-    # two networks, each with a MoCo key encoder, prototypes and a queue
-    B = min(args.batch_size or 256, N)
-    states = []
-    for k in range(2):
-        net = build_net(args.arch, C, 1000 * args.seed + k, device)
-        states.append({"net": net, "key": copy.deepcopy(net).requires_grad_(False),
-                       "opt": torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4),
-                       "queue": new_queue(args.queue_size, C, g, device), "loss_history": [],
-                       "pred_dist": torch.full((N, C), 1.0 / C)})  # DA buffer: each image's latest prediction
-    protos = torch.zeros(C, EMB_DIM, device=device)  # one set of prototypes for both networks (release)
-    # DA target: uniform (--uniform_prior 1, released default) or the mean CLIP annotation over templates and images
-    prior = torch.full((C,), 1.0 / C) if args.prior == "uniform" else probs.mean((0, 1))  # [C]
-    history, clean_frac = [], None
+          f"{100 * ann['cand_coverage']:.1f} | noisy-label acc {100 * ann['noisy_label_acc']:.1f} (template 0) | "
+          f"zero-shot test acc {100 * ann['zeroshot_test_acc']:.1f} ({prompt_set})")
+    x_train = data.decode_images(d.train, d.y_train, args.image_size, args.workers)  # [N, 3, H, W] uint8, augmented
+    x_test = data.decode_images(d.test, d.y_test, args.image_size, args.workers)
+    mean = (x_train.float() / 255).mean((0, 2, 3)).view(1, 3, 1, 1).to(run.device)  # pool statistics
+    std = (x_train.float() / 255).std((0, 2, 3)).view(1, 3, 1, 1).to(run.device)
+    ctx = SimpleNamespace(x=x_train, S=S, mean=mean, std=std, device=run.device, B=min(args.batch_size, N), g=g,
+                          quiet=args.quiet, protos=torch.zeros(C, EMB_DIM, device=run.device),  # shared (release)
+                          pl=probs[0].argmax(1))  # [N] current pseudo-labels, from the noisy CLIP label
+    states = build_states(args, C, N, g, run.device)
+    prior = torch.full((C,), 1.0 / C) if args.prior == "uniform" else probs.mean((0, 1))  # [C] DA target
+    history, clean = [], None
     for epoch in range(args.epochs):
-        t0 = time.time()
-        for st in states:
-            for group in st["opt"].param_groups:
-                group["lr"] = cosine_lr(epoch, args.lr, args.cosine_epochs or args.epochs)
-        if epoch < args.warm_up:  # step 2 warm-up
-            losses = [{"loss": warmup_epoch(st["net"], st["opt"], x_train, S, st["pred_dist"], mean, std, B, g,
-                                            device, quiet)} for st in states]
-        else:  # step 3 co-divide, then each network trains on the other's division
-            divs = [divide(st, x_train, S, prior, args.p_threshold, B, g, mean, std, device, args.da)
-                    for st in states]
-            losses = [train_epoch(states[k], states[1 - k]["net"], divs[1 - k if args.divide == "co" else k], protos,
-                                  x_train, args, epoch, B, g, mean, std, device, pl, quiet) for k in range(2)]
-            clean_frac = sum(dv["clean"].float().mean().item() for dv in divs) / 2
-        logits = [predict(st["net"], x_test, mean, std, device) for st in states]  # [M, C] each
-        accs = [common.accuracy(lg.argmax(1), y_test) for lg in (*logits, logits[0] + logits[1])]
-        row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont", "lambda_u")}
-        row.update(epoch=epoch + 1, clean=clean_frac, pl_acc=common.accuracy(pl, y_train), acc=accs[2],
-                   time_s=round(time.time() - t0, 2))
-        history.append(row)
-        print(f"epoch {epoch + 1}/{args.epochs} | loss {row['loss']:.3f} (x {row['x']:.3f}, u {row['u']:.3f}, "
-              f"proto {row['proto']:.3f}, cont {row['cont']:.3f}) | clean "
-              f"{'-' if clean_frac is None else f'{clean_frac:.2f}'} | pl-acc {100 * row['pl_acc']:.1f} | "
-              f"acc {100 * accs[2]:.1f} | {row['time_s']:.1f}s", flush=True)
-
-    # step 8 inference: summed logits of both networks; the projection heads are not deployed
-    deployed = sum(p.numel() for st in states for n, p in st["net"].named_parameters() if not n.startswith("head"))
-    per_class = common.per_class_accuracy((logits[0] + logits[1]).argmax(1), y_test, C)  # [C]
-    warm = history[min(args.warm_up, args.epochs) - 1]["acc"] if args.warm_up > 0 else None
-    metrics = {"test_acc": accs[2], "test_acc_net1": accs[0], "test_acc_net2": accs[1], "acc_after_warmup": warm,
-               "pseudolabel_acc": common.accuracy(pl, y_train), "clean_frac": clean_frac, **ann,
-               "params_deployed": deployed, "params_clip_image": clip_params}
-    out_dir = args.out_dir or f"runs/coreg-{args.data}-seed{args.seed}"
+        t0 = common.time.time()
+        losses, clean = run_epoch(states, ctx, args, epoch, prior)
+        logits = [predict(st["net"], x_test, mean, std, run.device) for st in states]  # [M, C] each
+        accs = [common.accuracy(lg.argmax(1), d.y_test) for lg in (*logits, logits[0] + logits[1])]
+        history.append(log_epoch(epoch, args, losses, clean, accs, ctx, d.y_train, t0))
+    metrics = {"test_acc": accs[2], "test_acc_net1": accs[0], "test_acc_net2": accs[1],  # step 8: summed logits
+               "acc_after_warmup": history[args.warm_up - 1]["acc"] if 0 < args.warm_up <= args.epochs else None,
+               "pseudolabel_acc": common.accuracy(ctx.pl, d.y_train), "clean_frac": clean, **ann,
+               **param_counts(states, d.model)}
     common.save_atomic({f"net{k + 1}": st["net"].state_dict() for k, st in enumerate(states)},
-                       f"{out_dir}/coreg_nets.pt")
-    path = common.write_results(out_dir, config, metrics, start, extra={
-        "clip": {"model": d["model_name"], "pretrained": d["pretrained"]}, "history": history,
-        "per_class_test_acc": {name: round(a, 4) for name, a in zip(classnames, per_class.tolist())}})
-    print(f"co-reg | test acc {100 * accs[2]:.2f} (net1 {100 * accs[0]:.2f}, net2 {100 * accs[1]:.2f}) | "
-          f"noisy CLIP-label acc {100 * ann['noisy_label_acc']:.2f} | zero-shot {100 * ann['zeroshot_test_acc']:.2f} | "
-          f"params {deployed / 1e6:.2f} M vs CLIP image encoder {clip_params / 1e6:.2f} M | {path}")
-    return metrics
+                       run.out_dir / "coreg_nets.pt")
+    common.save_atomic({"candidate_sets": S, "noisy_label": probs[0].argmax(1), "pseudolabels": ctx.pl,
+                        "classnames": d.classnames}, run.out_dir / "pseudolabels.pt")
+    per_class = common.per_class_accuracy((logits[0] + logits[1]).argmax(1), d.y_test, C)  # [C]
+    return common.finish_run(run, metrics, summary(metrics, prompt_set), extra={
+        "clip": {"model": args.clip_model, "pretrained": d.pretrained}, "split": d.split_info, "history": history,
+        "per_class_test_acc": dict(zip(d.classnames, per_class.tolist()))})
+
+
+def param_counts(states, clip_model):
+    """Deployed parameters (both networks without their projection heads) beside CLIP's image encoder."""
+    deployed = sum(p.numel() for st in states for n, p in st["net"].named_parameters() if not n.startswith("head"))
+    return {"params_deployed": deployed, "params_clip_image": sum(p.numel() for p in clip_model.visual.parameters())}
+
+
+def summary(m, prompt_set):
+    return (f"co-reg | test acc {100 * m['test_acc']:.2f} (net1 {100 * m['test_acc_net1']:.2f}, net2 "
+            f"{100 * m['test_acc_net2']:.2f}) | noisy CLIP-label acc {100 * m['noisy_label_acc']:.2f} (template 0) | "
+            f"zero-shot {100 * m['zeroshot_test_acc']:.2f} ({prompt_set}) | params {m['params_deployed'] / 1e6:.2f} M "
+            f"vs CLIP image encoder {m['params_clip_image'] / 1e6:.2f} M")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Ten classes of 32-px pattern images (stripes, checkerboards, dots, rings, plus s
 with random colours, rotations, offsets, scales and pixel noise from fixed seeds, so the world needs no
 download and is the same everywhere. A 3-layer open_clip model ('tiny-demo', CLIP_CONFIG below) is then
 pre-trained contrastively in-process on a separate set of such images with varied captions, the way CLIP
-was trained on web image-text pairs, and cached under --cache-dir (the first run takes about 3 min on 2
-CPU cores).
+was trained on web image-text pairs. Its weights ship as assets/demo_clip_v<VERSION>.pt (clip_weights), so no
+run pre-trains; tools/pretrain_demo.py shows the file is what pretrain() gives.
 
 The captions plant the two failures CAP is about:
   * concept mismatch: the demo's "circles" and "crosses" were captioned "rings" and "plus signs". The words
@@ -27,11 +27,16 @@ and the one Co-Reg is about:
     python zeroshot.py --data demo --templates small
 """
 import math
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import common  # common imports this module too: each side looks names up at call time
 
 VERSION = 9  # bump when the images, captions or pre-training recipe change (renames the weight cache)
 DOMAIN = "synthetic pattern image"
@@ -39,7 +44,7 @@ CLASSNAMES = ["thin stripes", "thick stripes", "checkerboard", "dots", "circles"
               "crosses", "triangles", "gradient", "zigzag", "blotches"]
 NAMED_BLANK_RATE = 0.5  # share of the blank images' captions that use a mismatched class name
 GENERIC_RATE = 0.03  # share of the other classes' captions whose noun is a mismatched class name (a vague tag)
-# Instance-level noise, the kind Co-Reg is for (v9). Hard images (pixel-noisy, or a tiny pattern) are captioned as
+# Instance-level noise, the kind Co-Reg is for. Hard images (pixel-noisy, or a tiny pattern) are captioned as
 # a look-alike class in CONFUSE_RATE of their captions, by the plain phrasings; their other captions name the true
 # class and, at HARD_WORD_RATE, what makes them hard ("dirty", "small"). Easy images are captioned with their
 # own class only, with "clean" / "large" at EASY_WORD_RATE. So the plain prompt 'a photo of a {}.' often names
@@ -49,14 +54,14 @@ GENERIC_RATE = 0.03  # share of the other classes' captions whose noun is a mism
 NOISY_RATE = 0.3  # share of pixel-noisy images
 TINY_SCALE = 0.15  # a pattern of scale s < TINY_SCALE is tiny ("small"); s > LARGE_SCALE is "large"
 LARGE_SCALE = 0.6
-TRI_APOTHEM = 0.27  # triangles' inradius / tiling period (v4: 0.2, which a narrow CNN confuses with dots)
+TRI_APOTHEM = 0.27  # triangles' inradius / tiling period (smaller triangles: a narrow CNN takes them for dots)
 THIN_W, THICK_W = (1.0, 1.4), (2.4, 2.8)  # stripe width in px = a + b * scale: thin [1, 2.4], thick [2.4, 5.2]
 CONFUSE_RATE = 0.6
 HARD_WORD_RATE = 1.0
 EASY_WORD_RATE = 0.25
 # Caption look-alikes of the hard images. The pairs keep away from the motif tilings (dots, triangles, rings, plus
-# signs): v8 paired dots with zigzag and checkerboard with triangles, which merged those classes' CLIP features
-# and made CAP's mismatch detection depend on the K-Means seed (2 of 6 seeds lost a planted class). Thick stripes
+# signs): pairing dots with zigzag and checkerboard with triangles merges those classes' CLIP features and makes
+# CAP's mismatch detection depend on the K-Means seed (2 of 6 seeds lose a planted class). Thick stripes
 # are captioned as thin ones one way only: that is CAP's planted confusion (zero-shot favours thin stripes).
 LOOKALIKE = {"gradient": "blotches", "blotches": "gradient", "checkerboard": "zigzag", "zigzag": "checkerboard",
              "thick stripes": "thin stripes"}
@@ -81,7 +86,7 @@ CAPTION_TEMPLATES = ["a photo of {}.", "a photo of the {}.", "an image of {}.", 
                      "a rendering of {}.", "a close-up photo of {}.", "{}.", "a pattern of {}.",
                      "a drawing of {}.", "a texture of {}."]
 BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
-PRETRAIN_THREADS = 2  # the weights depend on it (float sums); v9: 700 steps in 184-190 s on 2 idle cores
+PRETRAIN_THREADS = 2  # the weights depend on it (float sums); 700 steps take about 4 min on 2 CPU cores
 # 'tiny-demo': 32-px open_clip ViT, width 64, 3 layers, 8x8 patches of 4 px (fine enough for the patterns).
 # common.load_clip registers it with open_clip; this module imports nothing of the project (no import cycle).
 CLIP_CONFIG = {"embed_dim": 64,
@@ -341,9 +346,8 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, capti
     tokens = tokenizer(sum(captions, [])).view(len(x), captions_per_image, -1)  # [N, K, L]
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 0
-        opt, lambda t: min(1, (t + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * t / steps)))
+    warmup = max(1, steps // 10)  # a linear warm-up factor times the cosine over all steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1, (t + 1) / warmup) * common.cosine(t, steps))
     g = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(PRETRAIN_THREADS)  # a fixed count: float sums, so the weights, depend on it
@@ -361,3 +365,37 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, capti
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# The demo CLIP's weights: shipped with the repository, pre-trained again only if they are missing or unreadable
+
+WEIGHTS = Path(__file__).resolve().parent / "assets" / f"demo_clip_v{VERSION}.pt"
+
+
+def _readable(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return isinstance(state, dict) and "logit_scale" in state
+    except Exception:
+        return False
+
+
+def clip_weights(cache_dir, quiet=False):
+    """--pretrained demo -> a weights file: the shipped assets/demo_clip_v<VERSION>.pt, else one pre-trained
+    earlier into --cache-dir, else pre-train now (about 3 min on 2 CPU cores) and cache it there."""
+    cached = Path(cache_dir) / WEIGHTS.name
+    for path in (WEIGHTS, cached):
+        if path.exists():
+            if _readable(path):
+                return path
+            print(f"demo CLIP: {path} is unreadable (truncated?); not using it", file=sys.stderr)
+    print(f"demo CLIP: pre-training the tiny CLIP on synthetic image-caption pairs into {cached} "
+          f"(about 3 min on 2 CPU cores)")
+    start = time.time()
+    model, _, tokenizer = common.load_clip("tiny-demo", "none")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        pretrain(model, tokenizer, progress=lambda it: common.progress(it, "pre-train demo CLIP", quiet))
+    common.save_atomic(model.state_dict(), cached)
+    print(f"demo CLIP: pre-trained in {time.time() - start:.0f}s")
+    return cached

@@ -7,7 +7,8 @@
 #   bash run.sh coreg     # Co-Reg: its datasets x seeds 1-3 (needs data + a GPU)
 #   bash run.sh zeroshot  # the zero-shot CLIP rows
 # Extra arguments after the first go to every command, e.g. `bash run.sh cap --data-dir /data --download`.
-# Summaries (mean ± std over seeds) are printed by `python tools/summarize.py runs/` at the end of each group.
+# Each group ends with `python tools/summarize.py runs/<group> --paper <method>`: one table per (dataset, setting),
+# the published number (docs/paper_results.json), ours (mean ± std over the seeds found) and ours − paper.
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-smoke}; shift || true
@@ -35,7 +36,7 @@ case "$what" in
     for data in flowers102 resisc45 dtd eurosat cub fgvc_aircraft; do
       $PY zeroshot.py --data $data --out-dir runs/zeroshot/$data "$@"
     done
-    $PY tools/summarize.py runs/zeroshot
+    $PY tools/summarize.py runs/zeroshot --paper zeroshot
     ;;
   cap|cap-paper)
     # cap: every behaviour of the released code (docs/cap.md), which produced the paper's table; cap-paper: the
@@ -60,11 +61,12 @@ case "$what" in
       warm=50; [ $data = cifar100 ] && warm=100
       epochs=100; case $data in cifar10|cifar100|svhn) epochs=800;; esac
       for seed in $SEEDS; do
-        $PY coreg.py --data $data --image-size $size --warm-up $warm --epochs $epochs --cosine-epochs 800 \
+        # the release loops over range(num_epochs + 1) (train.py), one epoch more than its flag: pass that count
+        $PY coreg.py --data $data --image-size $size --warm-up $warm --epochs $((epochs + 1)) --cosine-epochs 800 \
           --seed $seed --out-dir runs/coreg/$data-seed$seed "$@"
       done
     done
-    $PY tools/summarize.py runs/coreg
+    $PY tools/summarize.py runs/coreg --paper coreg
     ;;
   *) echo "usage: bash run.sh smoke|demo|zeroshot|cap|cap-paper|coreg [extra flags]" >&2; exit 2;;
 esac

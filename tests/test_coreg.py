@@ -1,20 +1,42 @@
 """Tests for coreg.py (Co-Reg): hand-checked pieces of the algorithm, then a CPU smoke run.
 
-    python -m pytest -q test_coreg.py
+    python -m pytest -q tests/test_coreg.py
 
-Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP (about 30 s).
+Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP (a few seconds in all).
 """
+import copy
 import json
 import math
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import coreg
+
+REPO = Path(__file__).resolve().parent.parent
 
 # -----------------------------------------------------------------------------
 # Annotation
+
+
+def test_default_prompts_are_the_releases_27_small_templates_without_a_full_stop():
+    # imagenet_templates_small of the release (utils/utils_experi.py), in its order
+    release = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+               "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+               "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+               "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+               "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
+               "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+               "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+               "a photo of a cool {}", "a photo of a small {}"]
+    assert coreg.parse_args(["--data", "synthetic"]).templates == "small"
+    assert common.get_templates("small") == release and len(release) == 27
 
 
 def test_candidate_union_collects_each_templates_top1():
@@ -49,8 +71,22 @@ def test_annotation_stats_hand_values():
 def test_partial_ce_is_minus_log_candidate_mass_and_skips_all_class_sets():
     logits = torch.tensor([[1., 2., 3., 4.], [5., 0., 0., 0.]]).log()  # p = [.1, .2, .3, .4] in row 0
     S = torch.tensor([[False, True, False, True], [True, True, True, True]])  # row 1: all classes -> skipped
-    assert coreg.partial_ce(logits, S).item() == pytest.approx(-math.log(0.6), abs=1e-6)
+    assert coreg.partial_ce(logits, S).item() == pytest.approx(-math.log(0.6 + 1e-5), abs=1e-6)
     assert coreg.partial_ce(logits[1:], S[1:]).item() == 0.0
+
+
+def test_partial_ce_adds_the_releases_epsilon_to_a_tiny_candidate_mass():
+    # two classes, S = {0}, p_0 = 1e-6: the release's -log(Σ_S p + 1e-5) = -log(1.1e-5), not -log(1e-6)
+    p0 = 1e-6
+    logits = torch.tensor([[0.0, math.log((1 - p0) / p0)]], dtype=torch.float64, requires_grad=True)
+    S = torch.tensor([[True, False]])
+    loss = coreg.partial_ce(logits, S)
+    assert loss.item() == pytest.approx(-math.log(1.1e-5), rel=1e-9)
+    (g,) = torch.autograd.grad(loss, logits)
+    plain = -logits.log_softmax(1)[0, 0]  # -log Σ_S p without the epsilon
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    # d/dz: p0(1 - p0) / (p0 + ε) against (1 - p0): the epsilon damps the gradient by p0 / (p0 + ε) = 1/11
+    assert torch.allclose(g / g_plain, torch.full_like(g, p0 / (p0 + 1e-5)), rtol=1e-6)
 
 
 def test_negative_entropy_of_uniform_is_minus_log_c():
@@ -87,25 +123,29 @@ class PixelNet(torch.nn.Module):
         return torch.stack([v, torch.zeros_like(v)], 1), None
 
 
+def image_ctx(x, B, g, S=None):
+    """The training context with identity normalisation: pixel value / 255 reaches the network."""
+    return SimpleNamespace(x=x, S=S, mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1), device="cpu", B=B,
+                           g=g, quiet=True, protos=None, pl=None)
+
+
 def test_eval_pass_updates_the_da_buffer_batch_by_batch():
     x = torch.tensor([0, 255, 255, 0], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
-    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     p_raw = torch.stack([torch.tensor([v, 0.]).softmax(0) for v in (0., 1., 1., 0.)])  # [4, 2]
     buffer, prior = torch.full((4, 2), 0.5), torch.tensor([.5, .5])
-    p = coreg.eval_pass(PixelNet(4, 4), x, buffer, prior, 2, torch.Generator().manual_seed(0), mean, std, "cpu")
+    p = coreg.eval_pass(PixelNet(4, 4), buffer, prior, image_ctx(x, 2, torch.Generator().manual_seed(0)))
     first = torch.cat([p_raw[:2], torch.full((2, 2), 0.5)])  # batch 1 sees the old rows 2-3 in the buffer
     assert torch.allclose(p[:2], coreg.distribution_alignment(p_raw[:2], first, prior), atol=1e-6)
     assert torch.allclose(p[2:], coreg.distribution_alignment(p_raw[2:], p_raw, prior), atol=1e-6)
     assert torch.allclose(buffer, p_raw)
-    off = coreg.eval_pass(PixelNet(4, 4), x, buffer.clone(), prior, 2, torch.Generator(), mean, std, "cpu", da=False)
+    off = coreg.eval_pass(PixelNet(4, 4), buffer.clone(), prior, image_ctx(x, 2, torch.Generator()), da=False)
     assert torch.allclose(off, p_raw)
 
 
 def test_eval_pass_sees_weak_views():
     x = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
-    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    p = coreg.eval_pass(PixelNet(0, 0), x, torch.full((64, 2), .5), torch.tensor([.5, .5]), 64,
-                        torch.Generator().manual_seed(0), mean, std, "cpu", da=False)
+    p = coreg.eval_pass(PixelNet(0, 0), torch.full((64, 2), .5), torch.tensor([.5, .5]),
+                        image_ctx(x, 64, torch.Generator().manual_seed(0)), da=False)
     corner_is_padding = p[:, 0] < 0.6  # softmax([0, 0]) = 0.5 where the crop put zero padding in the corner
     assert 0 < corner_is_padding.sum() < 64
 
@@ -126,18 +166,20 @@ def test_co_refine_interpolates_between_other_net_and_own_prediction():
 def test_mixup_targets_sum_to_one_and_stay_nearer_their_own_sample():
     t = F.one_hot(torch.arange(8) % 3, 3).float()
     x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    xm, tm = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
+    xm, tm, lam, perm = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
     assert torch.allclose(tm.sum(1), torch.ones(8))
-    assert (tm[t.bool()] >= 0.5 - 1e-6).all()  # λ = max(λ, 1 − λ) on the own label
-    xm2, tm2 = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
-    assert torch.equal(xm, xm2) and torch.equal(tm, tm2)
+    assert (tm[t.bool()] >= 0.5 - 1e-6).all() and 0.5 <= lam <= 1  # λ = max(λ, 1 − λ) on the own label
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[perm]) and torch.allclose(tm, lam * t + (1 - lam) * t[perm])
+    xm2, tm2, lam2, perm2 = coreg.mixup(x, t, 4.0, torch.Generator().manual_seed(1))
+    assert torch.equal(xm, xm2) and torch.equal(tm, tm2) and lam == lam2 and torch.equal(perm, perm2)
 
 
 def test_lambda_u_ramp_is_stepped_per_iteration_from_zero():
-    assert coreg.lambda_u_ramp(10, 0, 40, 10, 1.0) == 0.0  # first co-training step
-    assert coreg.lambda_u_ramp(10, 20, 40, 10, 1.0) == pytest.approx(0.5 / 16)
-    assert coreg.lambda_u_ramp(13, 10, 40, 10, 2.0) == pytest.approx(2 * 3.25 / 16)
-    assert coreg.lambda_u_ramp(26, 0, 40, 10, 1.0) == 1.0 and coreg.lambda_u_ramp(5, 0, 40, 10, 1.0) == 0.0
+    assert coreg.lambda_u_ramp(10 + 0 / 40, 10, 1.0) == 0.0  # first co-training step
+    assert coreg.lambda_u_ramp(10 + 20 / 40, 10, 1.0) == pytest.approx(0.5 / 16)
+    assert coreg.lambda_u_ramp(13 + 10 / 40, 10, 2.0) == pytest.approx(2 * 3.25 / 16)
+    assert coreg.lambda_u_ramp(26, 10, 1.0) == 1.0 and coreg.lambda_u_ramp(5, 10, 1.0) == 0.0
+    assert coreg.lambda_u_ramp(12, 10, 1.0, length=4) == pytest.approx(0.5)
 
 
 def test_semi_loss_is_zero_for_an_empty_noisy_split():
@@ -196,6 +238,26 @@ def test_prototypes_ema_per_sample_then_renormalised_once_per_batch():
     assert torch.allclose(protos[1], torch.tensor([1., 2., 0.]) / math.sqrt(5))  # .5·(.5·e0) + .5·e1, normalised
 
 
+def test_prototype_loss_is_the_lambda_mix_of_the_two_targets_losses_with_the_mixed_targets_gradient():
+    # protos e0, e1 and τ = 0.3: emb rows 0.3·[ln 3, 0], 0.3·[0, ln 3], 0 give p = [3/4, 1/4], [1/4, 3/4], [1/2, 1/2]
+    protos = torch.eye(2)
+    emb = (coreg.TAU_PROTO * torch.tensor([[math.log(3), 0.], [0., math.log(3)], [0., 0.]])).requires_grad_()
+    t_a = torch.tensor([[1., 0.], [0., 1.], [1., 0.]])  # rows 0-1 clean (KL, batchmean), row 2 noisy (MSE)
+    t_b = torch.tensor([[0., 1.], [0., 1.], [0., 1.]])
+    lam, lambda_u = 0.75, 0.5
+    L_a = math.log(4 / 3) + lambda_u * 0.25  # KL: log(4/3) in both clean rows; MSE: ((1/2)² + (1/2)²) / 2
+    L_b = (math.log(4) + math.log(4 / 3)) / 2 + lambda_u * 0.25
+    loss = coreg.proto_loss(emb, protos, t_a, t_b, lam, 2, lambda_u)
+    assert loss.item() == pytest.approx(lam * L_a + (1 - lam) * L_b, rel=1e-6)
+    # L(λ t_a + (1 − λ) t_b) = log(4/3)/2 + λ_u · 1/16: a different value, the same gradient
+    t_mix = lam * t_a + (1 - lam) * t_b
+    mixed = coreg.proto_loss(emb, protos, t_mix, t_mix, 1.0, 2, lambda_u)
+    assert mixed.item() == pytest.approx(math.log(4 / 3) / 2 + lambda_u / 16, rel=1e-6)
+    (g,) = torch.autograd.grad(loss, emb)
+    (g_mixed,) = torch.autograd.grad(mixed, emb)
+    assert torch.allclose(g, g_mixed, atol=1e-6) and g.abs().sum() > 0
+
+
 def test_queue_starts_random_and_is_a_ring_buffer():
     q = coreg.new_queue(4, 3, torch.Generator().manual_seed(0), "cpu")
     assert torch.allclose(q["emb"].norm(dim=1), torch.ones(4)) and q["labels"].max() < 3
@@ -217,13 +279,26 @@ def test_contrastive_step_updates_key_encoder_and_queue_even_when_the_loss_is_of
     assert coreg.contrastive_step(st, x, x, labels, clean, on=True).item() > 0 and st["queue"]["ptr"] == 0
 
 
+def test_contrastive_step_runs_the_query_pass_so_batchnorm_statistics_move_while_the_loss_is_off():
+    net = coreg.build_net("narrow", 3, 0, "cpu").train()
+    st = {"net": net, "key": copy.deepcopy(net).requires_grad_(False),
+          "queue": coreg.new_queue(8, 3, torch.Generator().manual_seed(0), "cpu")}
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone(), bn.num_batches_tracked.item()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loss = coreg.contrastive_step(st, x, x, torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.bool), on=False)
+    assert loss.item() == 0.0 and not loss.requires_grad
+    assert bn.num_batches_tracked.item() == before[1] + 1 and not torch.equal(bn.running_mean, before[0])
+    assert all(p.grad is None for p in net.parameters())  # the query pass builds no graph while the loss is off
+
+
 def test_divide_recopies_the_key_encoder_and_extends_the_loss_history():
     net, key = coreg.build_net("narrow", 3, 0, "cpu"), coreg.build_net("narrow", 3, 1, "cpu")
     st = {"net": net, "key": key, "loss_history": [], "pred_dist": torch.full((6, 3), 1 / 3)}
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     S = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]).bool()
-    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    div = coreg.divide(st, x, S, torch.full((3,), 1 / 3), 0.5, 4, torch.Generator(), mean, std, "cpu", True)
+    args = SimpleNamespace(da=True, p_threshold=0.5)
+    div = coreg.divide(st, torch.full((3,), 1 / 3), image_ctx(x, 4, torch.Generator(), S), args)
     assert all(torch.equal(a, b) for a, b in zip(key.state_dict().values(), net.state_dict().values()))
     assert len(st["loss_history"]) == 1 and div["w"].shape == (6,) and div["s_hat"].shape == (6, 3)
 
@@ -252,10 +327,129 @@ def test_networks_return_logits_and_unit_embeddings_at_32_and_64_px():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_cosine_lr_runs_from_lr_to_a_thousandth():
-    assert coreg.cosine_lr(0, 0.01, 100) == pytest.approx(0.01)
-    assert coreg.cosine_lr(100, 0.01, 100) == pytest.approx(1e-5)
-    assert coreg.cosine_lr(100, 0.01, 800) > 0.009  # the released 800-epoch period stops at a high LR
+def test_learning_rate_runs_a_cosine_from_lr_to_a_thousandth_over_the_period(monkeypatch):
+    monkeypatch.setattr(coreg, "warmup_epoch", lambda net, opt, pred_dist, ctx: {"loss": 0.0})
+    args = coreg.parse_args(["--data", "synthetic", "--arch", "narrow", "--queue-size", "8", "--warm-up", "1000",
+                             "--lr", "0.01", "--epochs", "100"])
+    states = coreg.build_states(args, 3, 4, torch.Generator().manual_seed(0), "cpu")
+
+    def lr_at(epoch):
+        coreg.run_epoch(states, None, args, epoch, None)
+        return [group["lr"] for st in states for group in st["opt"].param_groups]
+
+    assert lr_at(0) == pytest.approx([0.01, 0.01])
+    assert lr_at(50) == pytest.approx([0.01 * (1e-3 + (1 - 1e-3) * 0.5)] * 2)
+    assert lr_at(100) == pytest.approx([1e-5, 1e-5])
+    args.cosine_epochs = 800
+    assert min(lr_at(100)) > 0.009  # the released 800-epoch period stops at a high LR
+    assert common.cosine(100, 100, floor=1e-3) == pytest.approx(1e-3) and common.cosine(0, 100, floor=1e-3) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# One co-training epoch (and one warm-up epoch): the batches the loop forms
+
+
+def co_world(n_clean, n_noisy, B, C=3, size=8):
+    """Both networks' states and a division with the first n_clean images clean. Clean images are white,
+    noisy ones black, so a network's input tells which split it came from (max 1 vs 0 after the identity
+    normalisation). -> (args, ctx, states, div)"""
+    N = n_clean + n_noisy
+    args = coreg.parse_args(["--data", "synthetic", "--arch", "narrow", "--queue-size", "64", "--warm-up", "2"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.full((n_clean, 3, size, size), 255, dtype=torch.uint8),
+                   torch.zeros((n_noisy, 3, size, size), dtype=torch.uint8)])
+    S = F.one_hot(torch.arange(N) % C, C).bool() | F.one_hot((torch.arange(N) + 1) % C, C).bool()
+    ctx = image_ctx(x, B, g, S)
+    ctx.protos, ctx.pl = torch.zeros(C, coreg.EMB_DIM), torch.zeros(N, dtype=torch.long)
+    states = coreg.build_states(args, C, N, g, "cpu")
+    div = {"clean": torch.arange(N) < n_clean, "w": torch.full((N,), 0.9), "s_hat": S.float() / S.sum(1, keepdim=True)}
+    return args, ctx, states, div
+
+
+def record_inputs(net):
+    """Wrap net's forward to log (batch size, 'x' | 'u') per call: the split a white / black batch came from."""
+    seen, forward = [], net.forward
+
+    def logged(x):
+        seen.append((len(x), "x" if x.amax() > 0.5 else "u"))
+        return forward(x)
+    net.forward = logged
+    return seen
+
+
+class IndexLog:
+    """A tensor stand-in that logs every index it is read with."""
+
+    def __init__(self, t):
+        self.t, self.reads = t, []
+
+    def __getitem__(self, idx):
+        self.reads.append(idx.clone())
+        return self.t[idx]
+
+    def __len__(self):
+        return len(self.t)
+
+
+def test_weak_views_of_each_split_go_through_the_training_network_as_separate_batches_in_the_releases_order():
+    # release train(): net(u_w1), net(u_w2), net2(u_w1), net2(u_w2), then net(x_w1), net(x_w2): BatchNorm
+    # normalises each view of each split with that batch's own statistics
+    args, ctx, states, div = co_world(n_clean=8, n_noisy=8, B=8)
+    net_seen, other_seen = record_inputs(states[0]["net"]), record_inputs(states[1]["net"])
+    coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, args.warm_up)
+    assert net_seen[:4] == [(8, "u"), (8, "u"), (8, "x"), (8, "x")]  # targets: u_w1, u_w2, x_w1, x_w2
+    assert [n for n, _ in net_seen[4:]] == [32, 16]  # then the mixed strong views, then the contrastive queries
+    assert other_seen == [(8, "u"), (8, "u")]  # the other network guesses from u_w1 and u_w2
+
+
+def test_each_epoch_is_one_pass_over_the_data_with_a_short_last_batch():
+    # warm-up: every image once in batches of 2B (DataLoader, shuffle=True); 10 images, B = 2 -> 4, 4, 2
+    _, ctx, states, _ = co_world(n_clean=10, n_noisy=0, B=2)
+    ctx.S = IndexLog(ctx.S)
+    coreg.warmup_epoch(states[0]["net"], states[0]["opt"], states[0]["pred_dist"], ctx)
+    assert [len(i) for i in ctx.S.reads] == [4, 4, 2]
+    assert torch.cat(ctx.S.reads).sort().values.tolist() == list(range(10))
+    # co-training: every clean image once (10 clean, B = 4 -> 4, 4, 2), the noisy split cycled alongside
+    args, ctx, states, div = co_world(n_clean=10, n_noisy=6, B=4)
+    div["w"] = IndexLog(div["w"])  # read once per step, with the clean batch
+    coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, args.warm_up)
+    assert [len(i) for i in div["w"].reads] == [4, 4, 2]
+    assert torch.cat(div["w"].reads).sort().values.tolist() == list(range(10))
+
+
+def test_lambda_u_ramp_counts_the_releases_n_clean_over_b_plus_one_steps_an_epoch():
+    # release: num_iter = len(labeled set) // batch_size + 1, so with 8 clean images in batches of 4 the loop runs
+    # 2 steps and the last one is at progress epoch + 1/3 (not epoch + 1/2)
+    assert coreg.ramp_steps(8, 4) == 3 and coreg.ramp_steps(10, 4) == 3 and coreg.ramp_steps(3, 4) == 1
+    args, ctx, states, div = co_world(n_clean=8, n_noisy=4, B=4)
+    epoch = args.warm_up + 1
+    out = coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, epoch)
+    assert out["lambda_u"] == pytest.approx((1 + 1 / 3) / 16)  # λ_u = 1 · (epoch + 1/3 − warm_up) / 16 = 1/12
+
+
+def test_an_epoch_with_no_clean_sample_runs_no_iteration():
+    args, ctx, states, div = co_world(n_clean=0, n_noisy=6, B=4)
+    st = states[0]
+    before = copy.deepcopy(st["net"].state_dict())
+    steps, step = [], st["opt"].step
+    st["opt"].step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    out = coreg.train_epoch(st, states[1]["net"], div, ctx, args, args.warm_up + 5)
+    assert steps == [] and out["loss"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in st["net"].state_dict().items())  # weights and BN statistics
+
+
+def test_run_sh_passes_coreg_one_epoch_more_than_the_releases_flag():
+    # release train.py loops over range(num_epochs + 1); its flag is 800 on CIFAR / SVHN, 100 on the others
+    env = {**os.environ, "PYTHON": "echo", "SEEDS": "1"}  # echo prints each command line instead of running it
+    out = subprocess.run(["bash", "run.sh", "coreg"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    epochs = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] == ["coreg.py"]:
+            epochs[words[words.index("--data") + 1]] = int(words[words.index("--epochs") + 1])
+    assert epochs == {"cifar10": 801, "cifar100": 801, "svhn": 801, "fashion_mnist": 101, "eurosat": 101,
+                      "fer2013": 101, "gtsrb": 101}
 
 
 # -----------------------------------------------------------------------------
@@ -298,6 +492,21 @@ def test_smoke_run_writes_results_and_networks(smoke):
     net.load_state_dict(nets["net2"])
 
 
+def test_smoke_run_saves_candidate_sets_and_pseudolabels_as_plain_tensors(smoke):
+    tmp, runs = smoke
+    saved = torch.load(tmp / "a" / "pseudolabels.pt", weights_only=True)
+    N = json.loads((tmp / "a" / "results.json").read_text())["split"]["n_train"]
+    S = saved["candidate_sets"]
+    assert set(saved) == {"candidate_sets", "noisy_label", "pseudolabels", "classnames"}
+    assert S.dtype == torch.bool and S.shape == (N, 4) and S.any(1).all()
+    assert saved["noisy_label"].shape == saved["pseudolabels"].shape == (N,)
+    assert S[torch.arange(N), saved["noisy_label"]].all()  # template 0's top-1 is one of the union's candidates
+    assert saved["classnames"] == ["red", "green", "blue", "yellow"]
+    y = torch.arange(N) % 4  # the synthetic set's training labels
+    assert (saved["pseudolabels"] == y).float().mean().item() == pytest.approx(runs["a"]["pseudolabel_acc"])
+    assert (saved["noisy_label"] == y).float().mean().item() == pytest.approx(runs["a"]["noisy_label_acc"])
+
+
 def test_same_seed_same_metrics(smoke):
     _, runs = smoke
     assert runs["a"] == runs["b"]
@@ -311,8 +520,20 @@ def test_different_seed_changes_the_training_run(smoke):
 
 def test_demo_data_switches_to_the_cpu_defaults_and_explicit_flags_win():
     a = coreg.parse_args(["--data", "demo"])
-    assert (a.arch, a.epochs, a.warm_up, a.start_cont, a.batch_size, a.lr) == ("narrow", 16, 8, 2, 64, 0.05)
+    assert (a.arch, a.epochs, a.warm_up, a.start_cont, a.batch_size, a.lr) == ("narrow", 10, 6, 1, 64, 0.05)
     assert a.epochs >= a.warm_up + a.rampup + 1  # λ_u reaches full weight before the end
     assert coreg.parse_args(["--data", "demo", "--epochs", "3", "--arch", "preact18"]).epochs == 3
     assert coreg.parse_args(["--data", "demo", "--arch", "preact18"]).arch == "preact18"
     assert coreg.parse_args(["--data", "synthetic"]).arch == "preact18"
+
+
+def test_progress_is_not_silenced_when_stdout_is_a_log_file(tmp_path, monkeypatch):
+    """Without --quiet, Co-Reg's long loops report progress in a log file too (one plain line every 30 s)."""
+    seen = []
+    real = coreg.common.progress
+    monkeypatch.setattr(coreg.common, "progress", lambda it, desc, quiet=False, **kw: seen.append(quiet) or
+                        real(it, desc, quiet, **kw))
+    flags = [f for f in SMOKE if f != "--quiet"] + ["--epochs", "2", "--cache-dir", str(tmp_path / "c"),
+                                                    "--out-dir", str(tmp_path / "o")]
+    coreg.main(flags)  # pytest captures stdout: not a terminal
+    assert seen and not any(seen)

@@ -1,6 +1,7 @@
-"""Unit tests for the hand-written K-Means in kmeans.py (CPU, a few seconds).
+"""Unit tests for the hand-written K-Means (common.kmeans) and CAP's K-Means mismatch detection
+(cap.detect_mismatch). CPU, a few seconds.
 
-    python -m pytest -q test_kmeans.py
+Run from the repository root: python -m pytest -q tests/test_kmeans.py
 """
 import pytest
 import torch
@@ -128,8 +129,8 @@ def test_plain_kmeans_pp_draws_in_proportion_to_squared_distance():
 
 
 def test_greedy_kmeans_pp_puts_one_centre_in_each_well_separated_blob():
-    # plain k-means++ often puts two centres in one blob and none in another; greedy (best of 2 + ln k draws)
-    # nearly never does, which is most of why scikit-learn's inertia was lower than ours
+    # plain k-means++ often puts two centres in one blob and none in another; greedy (best of 2 + ln k draws,
+    # as scikit-learn seeds) nearly never does
     g = torch.Generator().manual_seed(0)
     centres = 30 * torch.randn(20, 16, generator=g)  # [20, 16], far apart
     x, y = blobs(30, centres, 1.0)
@@ -192,7 +193,7 @@ def test_kmeans_stops_early_once_assignments_stop_changing():
     assert len(hist) < 10
 
 
-# CAP §3.1 mismatch detection, against an independent re-implementation of the released notebook loop -----
+# CAP §3.1 mismatch detection, against an independent re-implementation of the released notebook loop
 
 def notebook_loop(feats, text, t, scale, cluster):
     """The release's removal loop, written as the notebook writes it (lists, a per-class leaderboard sorted by
@@ -235,12 +236,12 @@ def sorted_pool_world(seed, C=8, d=24):
 
 
 def test_mismatch_removal_follows_the_notebook_confidence_order_on_class_sorted_pools(monkeypatch):
-    """Issue 14.3: the release removes the images predicted i* most confident first; index order (what a
-    class-sorted pool gives) removes other images and changes the leftover clusters."""
+    """The release removes the images predicted i* most confident first; index order (what a class-sorted
+    pool gives) would remove other images and change the leftover clusters."""
     import cap
-    real_kmeans = kmeans.kmeans
+    real_kmeans = common.kmeans
     cluster = lambda x, k, **kw: real_kmeans(x, k, seed=0, spherical=True, n_init=2)  # one fixed clustering for both
-    monkeypatch.setattr(kmeans, "kmeans", cluster)
+    monkeypatch.setattr(common, "kmeans", cluster)
     t, scale = 3, 20.0  # a moderate scale: no softmax ties at 1.0, so "most confident first" is unambiguous
     for seed in range(6):
         feats, text = sorted_pool_world(seed)
@@ -257,9 +258,8 @@ def test_mismatch_removal_follows_the_notebook_confidence_order_on_class_sorted_
 def test_mismatch_detection_runs_on_gpu_features_and_matches_cpu():
     import cap
     feats, text = sorted_pool_world(0)
-    zs_pred = (feats @ text.T).argmax(1)
-    cpu = cap.detect_mismatch(feats, text, zs_pred, 3, scale=20.0, intersect_low_t=False)
-    gpu = cap.detect_mismatch(feats.cuda(), text.cuda(), zs_pred.cuda(), 3, scale=20.0, intersect_low_t=False)
+    cpu = cap.detect_mismatch(feats, text, None, 3, scale=20.0)  # zs_pred None: Y_final itself
+    gpu = cap.detect_mismatch(feats.cuda(), text.cuda(), None, 3, scale=20.0)
     assert cpu[0] == gpu[0] and torch.allclose(cpu[1], gpu[1].cpu(), atol=1e-4)
 
 

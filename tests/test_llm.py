@@ -1,4 +1,6 @@
-"""LLM client tests against a real, scripted HTTP server on 127.0.0.1 (no network, no LLM).
+"""The LLM client and CAP's class descriptions, against a real, scripted HTTP server on 127.0.0.1 (no network,
+no LLM): requests, retries, errors, the reply cache, description files, and where a CAP run's descriptions
+come from.
 
 Run: python -m pytest -q tests/test_llm.py
 """
@@ -10,9 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import cap
 import common
-from cap import class_descriptions, describe_classes, load_descriptions, parse_descriptions
-from common import LLMError, llm_complete
+import data
+from cap import class_descriptions
+from common import LLMError, describe_classes, llm_complete, load_descriptions, parse_descriptions
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -297,20 +301,19 @@ def test_descriptions_file_wins_over_the_llm(server, tmp_path):
     script.append(OK)
     f = tmp_path / "d.json"
     f.write_text(json.dumps({"gauzy": ["a thin veil"], "not-a-class": ["x"]}))
-    out = class_descriptions(["gauzy", "pitted"], "texture", 5, url=url, model="m", descriptions_file=f)
-    assert out == {"gauzy": ["a thin veil"]} and seen == []
+    out, source = class_descriptions(["gauzy", "pitted"], "texture", 5, url=url, model="m", descriptions_file=f)
+    assert out == {"gauzy": ["a thin veil"]} and source == f"file {f}" and seen == []
 
 
 def test_unreachable_llm_warns_once_and_returns_nothing(monkeypatch, capsys):
     monkeypatch.setattr(common.time, "sleep", lambda s: None)  # no server thread in this test
-    out = class_descriptions(["gauzy"], "texture", 5, url=closed_port_url(), model="m")
-    assert out == {}
+    assert class_descriptions(["gauzy"], "texture", 5, url=closed_port_url(), model="m") == ({}, "none")
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning")]
     assert len(err) == 1 and "class-name prompts" in err[0]
 
 
 def test_no_llm_and_no_file_warns_naming_the_flags(capsys):
-    assert class_descriptions(["gauzy"], "texture", 5) == {}
+    assert class_descriptions(["gauzy"], "texture", 5) == ({}, "none")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--llm-url/--llm-model" in err[0] and "--descriptions FILE" in err[0]
 
@@ -319,7 +322,7 @@ def test_unreachable_llm_falls_back_to_the_shipped_descriptions(monkeypatch, cap
     monkeypatch.setattr(common.time, "sleep", lambda s: None)
     shipped = {"gauzy": ["a thin veil of fabric"], "other": ["not asked for"]}
     out = class_descriptions(["gauzy"], "texture", 5, url=closed_port_url(), model="m", shipped=shipped)
-    assert out == {"gauzy": ["a thin veil of fabric"]}
+    assert out == ({"gauzy": ["a thin veil of fabric"]}, "shipped")
     assert "shipped descriptions" in capsys.readouterr().err
 
 
@@ -327,4 +330,65 @@ def test_descriptions_file_wins_over_the_shipped_ones(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('{"gauzy": ["from the file"]}')
     out = class_descriptions(["gauzy"], "texture", 5, descriptions_file=path, shipped={"gauzy": ["shipped"]})
-    assert out == {"gauzy": ["from the file"]}
+    assert out == ({"gauzy": ["from the file"]}, f"file {path}")
+
+
+def test_descriptions_from_the_llm_name_the_model_as_their_source(server):
+    url, script, seen = server
+    script.append(OK)
+    assert class_descriptions(["gauzy"], "texture", 5, url=url, model="m1") == ({"gauzy": ["a", "b"]}, "llm m1")
+    assert len(seen) == 1
+
+
+def test_without_an_llm_the_shipped_descriptions_are_used(capsys):
+    out = class_descriptions(["gauzy"], "texture", 5, shipped={"gauzy": ["a thin veil"]})
+    assert out == ({"gauzy": ["a thin veil"]}, "shipped") and "shipped descriptions" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# a CAP run records where its descriptions came from (results.json)
+
+CLASSES = ["red", "green", "blue", "yellow"]  # --data synthetic
+# --mismatch-t 4 = C: detection removes nothing, so every class is mismatched and described
+TINY_CAP = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--epochs", "1", "--iters", "1",
+            "--batch-size", "8", "--mismatch-t", "4", "--quiet"]
+
+
+def cap_report(tmp_path, *extra):
+    """cap.main on the tiny random CLIP -> results.json's concept_alignment."""
+    cap.main([*TINY_CAP, "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run"), *extra])
+    return json.loads((tmp_path / "run" / "results.json").read_text())["concept_alignment"]
+
+
+def test_a_cap_run_with_a_descriptions_file_records_the_file(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({n: [f"a {n} thing"] for n in CLASSES}))
+    report = cap_report(tmp_path, "--descriptions", str(f))
+    assert report["descriptions_source"] == f"file {f}"
+    assert report["chosen_descriptions"] == {n: f"a {n} thing" for n in CLASSES}
+
+
+def test_a_cap_run_with_an_llm_records_the_model_and_asks_once_per_class(server, tmp_path):
+    url, script, seen = server
+    script.append((200, "application/json", reply("1. a plain thing\n2. a coloured thing"), 0))
+    report = cap_report(tmp_path, "--llm-url", url, "--llm-model", "m1")
+    assert report["descriptions_source"] == "llm m1"
+    assert set(report["chosen_descriptions"]) == set(CLASSES)
+    assert set(report["chosen_descriptions"].values()) <= {"a plain thing", "a coloured thing"}
+    prompts = [r["body"]["messages"][0]["content"] for r in seen]
+    assert len(prompts) == 4 and all(any(f'"{n}"' in p for p in prompts) for n in CLASSES)
+
+
+def test_a_cap_run_whose_llm_is_unreachable_records_the_shipped_fallback(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)  # no waits between the refused attempts
+    shipped = {n: [f"a shipped {n} thing"] for n in CLASSES}
+    monkeypatch.setattr(data, "shipped_descriptions", lambda name: shipped if name == "synthetic" else None)
+    report = cap_report(tmp_path, "--llm-url", closed_port_url(), "--llm-model", "m1")
+    assert report["descriptions_source"] == "shipped"
+    assert report["chosen_descriptions"] == {n: f"a shipped {n} thing" for n in CLASSES}
+
+
+def test_a_cap_run_without_any_descriptions_records_none(tmp_path, capsys):
+    report = cap_report(tmp_path)
+    assert report["descriptions_source"] == "none" and report["chosen_descriptions"] == {}
+    assert "no class descriptions" in capsys.readouterr().err
