@@ -59,7 +59,8 @@ def _number_type(kind, low, strict=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {low}, got {text}")
         return value
     parse.__doc__ = f"argparse type: a finite {kind.__name__} {'>' if strict else '>='} {low}."
     return parse
@@ -704,7 +705,7 @@ def _reply_contents(text, status, endpoint):
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:
         raise LLMError(f"{endpoint} reply has no 'choices': {snippet}")
-    contents = [c["message"]["content"] for c in choices
+    contents = [c["message"].get("content") for c in choices
                 if isinstance(c, dict) and isinstance(c.get("message"), dict)]
     contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
     if not contents:

@@ -306,7 +306,8 @@ def pretraining_pairs(captions_per_image, n_blank=500):
 
 
 def load_demo_dataset():
-    """The demo's labelled splits in the shape of data.load_dataset's loaders. -> ([(train PILs, labels), (test PILs, labels)], classnames)"""
+    """The demo's labelled splits, as data.py's loaders give them.
+    -> ([(train PIL images, labels), (test PIL images, labels)], classnames)"""
     parts = []
     for split in ("train", "test"):
         images, labels, _, _ = generate(split)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Commands for the papers' tables, and a smoke form that runs offline in minutes.
 #   bash run.sh smoke     # tiny random CLIP on generated images: checks that everything runs
-#   bash run.sh demo      # the offline demo world, 3 seeds (zero-shot, CAP, Co-Reg)
+#   bash run.sh demo      # the offline demo world, 3 seeds (zero-shot, CAP, CAP as released, Co-Reg)
 #   bash run.sh cap       # CAP Table 1 as released (--as-released): 6 datasets x UL/SSL/TRZSL x seeds 1-3 (needs data + a GPU)
 #   bash run.sh cap-paper # the same grid with the paper's formulas (cap.py's defaults)
 #   bash run.sh coreg     # Co-Reg: its datasets x seeds 1-3 (needs data + a GPU)
@@ -28,6 +28,7 @@ case "$what" in
     for seed in $SEEDS; do
       $PY zeroshot.py --data demo --seed $seed --out-dir runs/demo/zeroshot-seed$seed "$@"
       $PY cap.py --data demo --mode ul --seed $seed --out-dir runs/demo/cap-seed$seed "$@"
+      $PY cap.py --data demo --mode ul --as-released --seed $seed --out-dir runs/demo/cap-released-seed$seed "$@"
       $PY coreg.py --data demo --seed $seed --out-dir runs/demo/coreg-seed$seed "$@"
     done
     $PY tools/summarize.py runs/demo

@@ -43,7 +43,8 @@ def main(argv=None):
         with common.autocast(device):
             t = cap.adapt(adapters["text"], cap.encode_text_maple(model, learner, tokens))
             with torch.no_grad():
-                q = (100 * cap.adapt(adapters["main"], cap.encode_image_maple(model, learner, x[:args.batch_size])) @ t.T)
+                v = cap.encode_image_maple(model, learner, x[:args.batch_size])
+                q = (100 * cap.adapt(adapters["main"], v) @ t.T)
             v = cap.encode_image_maple(model, learner, x[args.batch_size:])
             loss = cap.margin_cross_entropy(100 * cap.adapt(adapters["main"], v[:args.batch_size]) @ t.T, y, M) + \
                 cap.fixmatch_loss(100 * cap.adapt(adapters["pseudo"], v[args.batch_size:]) @ t.T, q.argmax(1),

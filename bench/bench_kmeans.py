@@ -15,8 +15,8 @@ measures luck. All seeds of one peer run in one process, one after the other; ti
 (best of --repeats). Every peer of a case runs in turn, interleaved, and the 1-minute load average is printed
 with each line: on a shared machine read the ratios, not the seconds.
 
-    python bench/bench_kmeans.py                 # case a: 5,640 x 512, K=47, 4 data shapes x 8 seeds; case b: 100,000 x 512, K=1,000
-    python bench/bench_kmeans.py --cases c --iters 5   # case c: ImageNet's 1,281,167 x 512, K=1,000 (ours and faiss only)
+    python bench/bench_kmeans.py                 # a: 5,640 x 512, K=47, 4 shapes x 8 seeds; b: 100,000 x 512, K=1,000
+    python bench/bench_kmeans.py --cases c --iters 5   # c: ImageNet's 1,281,167 x 512, K=1,000 (ours and faiss)
     python bench/bench_kmeans.py --quick         # case a and a smaller b (20,000 x 512, K=200)
 
 Peers that are not installed are skipped with a message (pip install faiss-cpu scikit-learn).
@@ -275,7 +275,8 @@ def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
         ours = r["ours"]
         t_ratio = ours["seconds"] / res["seconds"] if "seconds" in ours else float("nan")
         i_ratio = ours["inertia"] / res["inertia"] if "inertia" in ours else float("nan")
-        print(f"{p:<8} {res['seconds']:>8.2f} {res['inertia']:>14.2f} {res['peak_extra_mb']:>14.0f} {res['load']:>5.1f} "
+        print(f"{p:<8} {res['seconds']:>8.2f} {res['inertia']:>14.2f} {res['peak_extra_mb']:>14.0f} "
+              f"{res['load']:>5.1f} "
               f"{t_ratio:>15.3f} {i_ratio:>18.4f}")
     for p, res in r.items():
         if "train_only_seconds" in res:

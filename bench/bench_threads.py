@@ -71,14 +71,16 @@ def run(what, threads, policy, compete, steps):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--what", default="pretrain", choices=["pretrain", "cap"])
-    p.add_argument("--steps", type=int, default=20, help="timed pre-training steps (700 in the real run) or CAP iterations")
+    p.add_argument("--steps", type=int, default=20,
+                   help="timed pre-training steps (700 in the real run) or CAP iterations")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--policies", default="default,PASSIVE")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps({"seconds": child(args.child, int(os.environ.get("BT_THREADS", 0)) or args_threads(argv), args.steps)}))
+        threads = int(os.environ.get("BT_THREADS", 0)) or args_threads(argv)
+        print(json.dumps({"seconds": child(args.child, threads, args.steps)}))
         return
     configs = [(t, pol, c) for pol in args.policies.split(",") for t in map(int, args.threads.split(","))
                for c in (False, True)]
@@ -87,7 +89,8 @@ def main(argv=None):
         for cfg in configs:
             s = run(args.what, *cfg, args.steps)
             times[cfg].append(s)
-            print(f"round {r} {args.what} threads {cfg[0]} policy {cfg[1]:<8} {'+1 competitor' if cfg[2] else 'alone':<13} "
+            who = '+1 competitor' if cfg[2] else 'alone'
+            print(f"round {r} {args.what} threads {cfg[0]} policy {cfg[1]:<8} {who:<13} "
                   f"{s:.3f} s/step  load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n{args.what}: best of {args.rounds} rounds, s/step (ratio with one competitor / alone)")
     for t in map(int, args.threads.split(",")):

@@ -33,8 +33,9 @@ RUNS = [("paper", "ul", [], None), ("as-released", "ul", ["--as-released"], "pap
     [("described", "ul", ["--release", "described", "--descriptions", DESCRIBED_FILE], "paper"),
      ("trzsl-paper", "trzsl", [], None), ("trzsl-all", "trzsl", ["--release", "trzsl-all"], "trzsl-paper"),
      ("ssl-paper", "ssl", [], None), ("ssl-draw", "ssl", ["--release", "ssl-draw"], "ssl-paper"),
-     ("sigma-repeats", "ul", ["--release", "sigma-repeats"], "paper"), ("desc-all", "ul", ["--release", "desc-all"], "paper")]
-assert {r[0] for r in RUNS} >= set(cap.RELEASE_BEHAVIOURS)
+     ("sigma-repeats", "ul", ["--release", "sigma-repeats"], "paper"),
+     ("desc-all", "ul", ["--release", "desc-all"], "paper")]
+assert {r[0] for r in RUNS} >= set(cap.RELEASE_BEHAVIOURS) - {"eurosat-pool"}  # the demo has no EuroSAT bundle
 
 
 def run_all(out, seeds, cache_dir, jobs=1, extra=()):

@@ -378,7 +378,8 @@ def test_two_processes_writing_the_same_cache_entry_both_finish_and_the_file_loa
     path = tmp_path / "cache" / "entry.pt"
     code = ("import sys, torch, common\n"
             "for i in range(20):\n"
-            "    common.save_atomic({'features': torch.full((2000, 64), float(sys.argv[1])), 'labels': torch.arange(2000)},"
+            "    common.save_atomic({'features': torch.full((2000, 64), float(sys.argv[1])),"
+            " 'labels': torch.arange(2000)},"
             f" {str(path)!r})\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(v)], cwd=REPO, stderr=subprocess.PIPE, text=True)
              for v in (1, 2)]
