@@ -558,9 +558,11 @@ def check_folder(folder, flag):
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder")
+    here = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # created only when written to
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        if not here.is_dir():
+            raise NotADirectoryError(20, f"{here} is a file")
+        fd, probe = tempfile.mkstemp(dir=here, suffix=".tmp")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
