@@ -95,17 +95,18 @@ def parse_args(argv=None):
     p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period (§4.6)")
     p.add_argument("--max-main-ratio", type=common.positive_float, default=0.8, help="D_PL growth cap ratio (§4.6)")
     # ablations: each switches off one component of the method (all on in the paper; bench/cap_components.sh)
-    for name, what in (("alignment", "§3.1 concept alignment (detection + descriptions)"),
-                       ("margin", "§3.2 calibrated margin (off: plain cross-entropy)"),
-                       ("pseudo", "pseudo adapter (L_UL)"), ("main", "main adapter's D_PL loss (L_PL)"),
-                       ("expansion", "§4.6 D_PL expansion")):
-        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=what)
+    common.add_ablation_switches(p, {"alignment": "§3.1 concept alignment (detection + descriptions)",
+                                     "margin": "§3.2 calibrated margin (off: plain cross-entropy)",
+                                     "pseudo": "pseudo adapter (L_UL)", "main": "main adapter's D_PL loss (L_PL)",
+                                     "expansion": "§4.6 D_PL expansion"})
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
     # the released code (default: the paper's formulas)
     p.add_argument("--as-released", action="store_true", help="every behaviour of the released code at once")
     p.add_argument("--release", default="", help="comma-separated subset of: " + ", ".join(RELEASE_BEHAVIOURS))
     args = common.parse_args(p, argv, DATASET_DEFAULTS)
+    if args.eval_only and not args.checkpoint:
+        p.error("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
     try:
         common.release_settings(args, RELEASE_BEHAVIOURS)
     except common.UserError as e:
@@ -597,14 +598,14 @@ def test_metrics(pred, labels, seen):
 
 def zero_shot(d, pseudo_classes, seen, quirk, device):
     """Zero-shot CLIP with 'a photo of a {}.' (the baseline) and the pseudolabel softmax over the pseudolabeled
-    classes, from the release's prompt with quirk. -> (test metrics, probs [N, C], W [C, D], W_pl [C, D])"""
+    classes, from the release's prompt with quirk. -> (test metrics, probs [N, C], W_pl [C, D])"""
     W = common.zero_shot_weights(d.model, d.tokenizer, d.classnames, common.TEMPLATES_SINGLE, device).cpu()
     W_pl = W if not quirk else common.zero_shot_weights(d.model, d.tokenizer, d.classnames, [RELEASE_PROMPT],
                                                           device).cpu()  # [C, D]
     not_pl = torch.ones(len(d.classnames), dtype=torch.bool)
     not_pl[pseudo_classes] = False  # TRZSL: the softmax covers the unseen classes only
     probs = (d.scale * d.f_train @ W_pl.T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
-    return test_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W, W_pl
+    return test_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W_pl
 
 
 def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
@@ -626,8 +627,8 @@ def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
                                         fast=args.detect == "fast")
     mismatched = [pseudo_classes[i].item() for i in mm_local]
     print(f"mismatch detection (t={t}): {[names[c] for c in mismatched] or 'none'}")
-    described = mismatched if not (rel.described and args.descriptions) else \
-        [c for c in pseudo_classes.tolist() if common.load_descriptions(args.descriptions).get(names[c])]
+    named = common.load_descriptions(args.descriptions) if rel.described and args.descriptions else None
+    described = mismatched if named is None else [c for c in pseudo_classes.tolist() if named.get(names[c])]
     descriptions, source = class_descriptions(
         [names[c] for c in described], args.domain or data.DOMAINS.get(args.data, "object"), args.n_descriptions,
         url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
@@ -714,8 +715,6 @@ def save_outputs(out_dir, args, d, learner, report, expansions):
 
 def eval_only(args, d, learner, tokens, test_set, seen, zs, device):
     """Test metrics of the prompts saved in --checkpoint (cap_prompts.pt), without training."""
-    if not args.checkpoint:
-        raise common.UserError("--eval-only needs --checkpoint FILE (written by a training run as cap_prompts.pt)")
     learner.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["learner"])
     metrics = test_metrics(evaluate(d.model, learner, tokens, test_set, device), d.y_test, seen)
     print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} | zero-shot {100 * zs['test_acc']:.2f} (1 template)")
@@ -739,7 +738,7 @@ def main(argv=None):
     d.scale = d.model.logit_scale.exp().item()  # CLIP's own logit scale: 100 for OpenAI's CLIP and the demo CLIP
     L, U, pseudo_classes, seen = data.split_setting(args.mode, d.y_train, C, args.split_seed, rel.ssl_draw)
     # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels
-    zs, probs, W, W_pl = zero_shot(d, pseudo_classes, seen, rel.quirk, run.device)
+    zs, probs, W_pl = zero_shot(d, pseudo_classes, seen, rel.quirk, run.device)
     zs_check = common.check_zeroshot(zs.get("harmonic_mean", zs["test_acc"]), args, "1 template", args.mode)
     learner, tokens = build_maple(d.model.cpu(), d.tokenizer, d.classnames, args.prompt_depth)
     d.model, learner, tokens = d.model.to(run.device), learner.to(run.device), tokens.to(run.device)

@@ -93,6 +93,12 @@ def add_common_args(p):
     return p
 
 
+def add_ablation_switches(p, components):
+    """One --NAME / --no-NAME flag per {NAME: what it is}, on by default: the ablations switch one component off."""
+    for name, what in components.items():
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=what)
+
+
 def parse_args(p, argv, dataset_defaults):
     """Parse argv with per-dataset defaults (data.CLIP_DEFAULTS, then {data: {dest: value}}); typed flags win."""
     data_name = p.parse_known_args(argv)[0].data  # the defaults depend on --data
@@ -425,7 +431,8 @@ def prepare(args, device, transform=None, keep_test_in_pool=False):
         data_key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
     feats = {}
     for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
-        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split, args.clip_model, pretrained)
+        split_key = f"{split}_{info[split + '_hash']}" if info.get(split + "_hash") else split  # the split's content
+        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split_key, args.clip_model, pretrained)
         feats[split] = encode_images(model, ImageList(samples, labels, transform or preprocess), device,
                                      workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
     return SimpleNamespace(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,

@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 import argparse  # noqa: E402
 import copy
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -72,10 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
                    help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
     # ablations: each switches off one component of the method (all on in the paper)
-    p.add_argument("--da", action=argparse.BooleanOptionalAction, default=True, help="distribution alignment")
-    p.add_argument("--mixup", action=argparse.BooleanOptionalAction, default=True, help="MixUp of the views")
-    p.add_argument("--proto", action=argparse.BooleanOptionalAction, default=True, help="prototype alignment loss")
-    p.add_argument("--supcon", action=argparse.BooleanOptionalAction, default=True, help="noisy SupCon loss")
+    common.add_ablation_switches(p, {"da": "distribution alignment", "mixup": "MixUp of the views",
+                                     "proto": "prototype alignment loss", "supcon": "noisy SupCon loss"})
     p.add_argument("--divide", default="co", choices=["co", "self"],
                    help="co: each network trains on the other's division (paper); self: on its own")
     # optimisation
@@ -528,7 +527,7 @@ def log_epoch(epoch, args, losses, clean, accs, ctx, y_train, t0):
     """One fixed-format line per epoch. -> the history row"""
     row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont", "lambda_u")}
     row.update(epoch=epoch + 1, clean=clean, pl_acc=common.accuracy(ctx.pl, y_train), acc=accs[2],
-               time_s=round(common.time.time() - t0, 2))
+               time_s=round(time.time() - t0, 2))
     common.check_finite(row["loss"], f"the loss of epoch {epoch + 1}")
     print(f"epoch {epoch + 1}/{args.epochs} | loss {row['loss']:.3f} (x {row['x']:.3f}, u {row['u']:.3f}, "
           f"proto {row['proto']:.3f}, cont {row['cont']:.3f}) | clean {'-' if clean is None else f'{clean:.2f}'} | "
@@ -563,7 +562,7 @@ def main(argv=None):
     prior = torch.full((C,), 1.0 / C) if args.prior == "uniform" else probs.mean((0, 1))  # [C] DA target
     history, clean = [], None
     for epoch in range(args.epochs):
-        t0 = common.time.time()
+        t0 = time.time()
         losses, clean = run_epoch(states, ctx, args, epoch, prior)
         logits = [predict(st["net"], x_test, mean, std, run.device) for st in states]  # [M, C] each
         accs = [common.accuracy(lg.argmax(1), d.y_test) for lg in (*logits, logits[0] + logits[1])]

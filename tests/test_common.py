@@ -111,6 +111,17 @@ def test_folder_dataset_runs_end_to_end_on_a_seeded_80_20_split(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["data"] == "folder"
 
 
+def test_a_folder_whose_split_changed_gets_new_features(tmp_path, capsys):
+    """Same path, same image count, classes renamed so the images come in another order: the cache is keyed by
+    the split's content (data.load_dataset's hash), so stale features are never paired with the new labels."""
+    root = make_image_folder(tmp_path / "imgs")
+    run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(root))
+    (root / "cat").rename(root / "zebra")  # cat's images now sort last
+    capsys.readouterr()
+    run_zeroshot(tmp_path, "--data", "folder", "--data-dir", str(root))
+    assert "feature cache hit" not in capsys.readouterr().out
+
+
 def test_two_image_folders_do_not_share_a_feature_cache(tmp_path, capsys):
     a = make_image_folder(tmp_path / "a", seed=0)
     b = make_image_folder(tmp_path / "b", seed=1)  # same size, different pixels
