@@ -66,15 +66,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
     common.add_common_args(p)
     p.add_argument("--mode", default="ul", choices=["ul", "ssl", "trzsl"],
-                   help="setting: ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
+                   help="ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
-    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop K-Means removal at t classes "
-                   "(default ⌈C/10⌉)")
+    p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop removal at t classes (⌈C/10⌉)")
     p.add_argument("--detect", default="exact", choices=["exact", "fast"],
-                   help="§3.1 removal loop: each K-Means from scratch (paper) or warm-started (fast: 1,000 classes)")
-    p.add_argument("--kmeans-restarts", type=common.positive_int, default=20,
-                   help="§3.1 K-Means seedings kept best of (release: scikit-learn's 10; docs/cap.md)")
+                   help="§3.1 K-Means after each removal: from scratch (paper) or warm-started (fast)")
+    p.add_argument("--kmeans-restarts", type=common.positive_int, default=20, help="§3.1 K-Means seedings kept best of")
     p.add_argument("--n-main", type=common.positive_int, default=16, help="K: initial D_PL images per class (§4.2)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="LLM model name (paper: GPT-4o-mini)")
@@ -88,16 +86,14 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=common.positive_int, default=50, help="epochs (§4.7)")
     p.add_argument("--iters", type=common.positive_int, default=50, help="iterations per epoch (§4.7)")
     p.add_argument("--batch-size", type=common.positive_int, default=32, help="batch size of each stream (§4.7)")
-    p.add_argument("--crop-min", type=common.positive_float, default=0.08,
-                   help="strong view: RandomResizedCrop's smallest area fraction (§4.4)")
+    p.add_argument("--crop-min", type=common.positive_float, default=0.08, help="strong view's smallest crop (§4.4)")
     p.add_argument("--lr", type=common.positive_float, default=0.01, help="SGD learning rate (§4.7)")
     p.add_argument("--wd", type=common.nonneg_float, default=0.1, help="SGD weight decay (§4.7)")
     p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period (§4.6)")
     p.add_argument("--max-main-ratio", type=common.positive_float, default=0.8, help="D_PL growth cap ratio (§4.6)")
     # ablations: each switches off one component of the method (all on in the paper; bench/cap_components.sh)
-    common.add_ablation_switches(p, {"alignment": "§3.1 concept alignment (detection + descriptions)",
-                                     "margin": "§3.2 calibrated margin (off: plain cross-entropy)",
-                                     "pseudo": "pseudo adapter (L_UL)", "main": "main adapter's D_PL loss (L_PL)",
+    common.add_ablation_switches(p, {"alignment": "§3.1 concept alignment", "margin": "§3.2 margin (off: plain CE)",
+                                     "pseudo": "pseudo adapter (L_UL)", "main": "main adapter (L_PL)",
                                      "expansion": "§4.6 D_PL expansion"})
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
@@ -133,18 +129,15 @@ def match_log_odds(logits):
 def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, fast=False):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
     image_features [N, D], text_features [C, D] unit rows, zs_pred [N] zero-shot labels, on any device; scale:
-    CLIP's logit scale. K-Means keeps the best of n_init seedings (release: scikit-learn's 10); fast warm-starts
-    each from the last (_removal_loop_fast), else each starts from scratch as in the paper and the release.
+    CLIP's logit scale. Each K-Means keeps the best of n_init seedings (release: scikit-learn's 10), from scratch as
+    in the paper and the release; fast (1,000 classes) warm-starts it from the last centres less the removed one.
     -> (Y_MM = Y_final ∩ Y_low-t, or Y_final for zs_pred None as released; leftover centres [|Y_final|, D])"""
     N, C = len(image_features), len(text_features)
     avg_size = N // C
-    if fast:
-        classes, images = _removal_loop_fast(image_features, text_features, t, seed, n_init, scale)
-    else:
-        classes, images = list(range(C)), torch.arange(N, device=image_features.device)
+    classes, images, init = list(range(C)), torch.arange(N, device=image_features.device), None
     while len(classes) > t and len(images) >= len(classes):
         R, f = len(classes), image_features[images]  # f [n, D]
-        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
+        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init, init=init)
         odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
         # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
@@ -156,6 +149,7 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
         used[torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]] = True
         images, classes = images[~used], classes[:i] + classes[i + 1:]
+        init = torch.cat([centres[:j], centres[j + 1:]]) if fast else None  # [R-1, D]
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
     centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0] if k else \
         image_features[:0]
@@ -169,74 +163,6 @@ def intersect_low_t(final, zs_pred, t, num_classes):
     return [c for c in final if c in low_t]
 
 
-def _removal_loop_fast(f, W, t, seed, n_init, scale, max_iter=100):
-    """detect_mismatch's loop with each clustering warm-started from the previous centres minus the removed one.
-    Few images change cluster when one class's images leave, so Lloyd (run to convergence, the same fixed-point
-    test as a full pass) recomputes only the moved centres' columns of the image-centre cosines S and zero-shot
-    logits Z, kept for every image. f [N, D], W [C, D] unit rows. -> (leftover classes, ids of the images left)"""
-    N, C, dev = len(f), len(W), f.device
-    avg_size = N // C
-    c, assign, _ = common.kmeans(f, C, seed=seed, spherical=True, n_init=n_init)  # [C, D], [N]
-    S = f @ c.T  # [N, C] cosines (unit centres: the largest is the nearest centre)
-    Z = scale * f @ W.T  # [N, C] zero-shot logits; a removed class's column becomes −inf
-    sums = torch.zeros_like(c).index_add_(0, assign, f)  # [C, D] cluster sums, kept up to date
-    counts = torch.bincount(assign, minlength=C)  # [C]
-    alive = torch.ones(N, dtype=torch.bool, device=dev)  # images still in the pool
-    clusters, classes, pred = list(range(C)), list(range(C)), Z.argmax(1)  # pred [N] among remaining classes
-    while len(classes) > t and int(alive.sum()) >= len(classes):
-        odds = match_log_odds(scale * W[classes] @ c[clusters].T)  # [R, R]
-        i, j = divmod(odds.argmax().item(), len(classes))
-        ci, cj = classes.pop(i), clusters.pop(j)
-        ranked = (alive & (pred == ci)).nonzero().flatten()  # [m] images predicted i*, most confident first
-        conf = Z[ranked, ci] - Z[ranked].logsumexp(1)  # [m] log-softmax over the remaining classes
-        ranked = ranked[conf.argsort(descending=True, stable=True)]
-        in_j = assign[ranked] == cj
-        used = torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]  # [≤ avg_size]
-        alive[used] = False
-        sums.index_add_(0, assign[used], f[used], alpha=-1)
-        counts -= torch.bincount(assign[used], minlength=C)
-        Z[:, ci] = float("-inf")  # class i* leaves: re-predict the images that predicted it
-        redo = (alive & (pred == ci)).nonzero().flatten()
-        pred[redo] = Z[redo].argmax(1)
-        S[:, cj] = float("-inf")  # cluster j* leaves: its images go to their next-nearest centre
-        orphans = (alive & (assign == cj)).nonzero().flatten()
-        to = S[orphans].argmax(1)  # [o]
-        sums[cj], counts[cj] = 0, 0
-        sums.index_add_(0, to, f[orphans])
-        counts += torch.bincount(to, minlength=C)
-        assign[orphans] = to
-        changed = torch.cat([assign[used], to]).unique()
-        _warm_lloyd(f, alive, (c, S, assign, sums, counts), changed[changed != cj], max_iter)
-    return classes, alive.nonzero().flatten()
-
-
-def _warm_lloyd(f, alive, state, changed, max_iter):
-    """Spherical Lloyd from a warm start, in place on state = (centres c [K, D], cosines S [N, K], assign [N],
-    sums [K, D], counts [K]), touching only what moved. changed [M]: clusters whose members changed; a point can
-    change cluster only if its own centre moved or a moved centre now beats it."""
-    c, S, assign, sums, counts = state
-    for _ in range(max_iter):
-        if not len(changed):
-            return
-        c[changed] = F.normalize(sums[changed], dim=1)  # [M, D]
-        empty = changed[counts[changed] == 0]  # explicit empty-cluster handling: the farthest image
-        if len(empty):
-            own = S.gather(1, assign[:, None])[:, 0].masked_fill(~alive, float("inf"))  # [N]
-            c[empty] = f[own.topk(len(empty), largest=False).indices]
-        S[:, changed] = f @ c[changed].T  # [N, M]
-        own = S.gather(1, assign[:, None])[:, 0]  # [N] cosine to the current centre
-        rows = (alive & (torch.isin(assign, changed) | (S[:, changed].max(1).values > own))).nonzero().flatten()
-        new = S[rows].argmax(1)  # [r]
-        moved, new = rows[new != assign[rows]], new[new != assign[rows]]
-        if not len(moved):
-            return
-        old = assign[moved]
-        sums.index_add_(0, old, f[moved], alpha=-1).index_add_(0, new, f[moved])
-        counts.sub_(torch.bincount(old, minlength=len(c))).add_(torch.bincount(new, minlength=len(c)))
-        assign[moved] = new
-        changed = torch.cat([old, new]).unique()  # a removed cluster never wins an argmax: never in here
-
-
 # -----------------------------------------------------------------------------
 # §3.1 Class descriptions (the LLM request and its parsing: common.describe_classes)
 
@@ -246,21 +172,20 @@ def class_descriptions(classnames, domain, n, *, url=None, model=None, descripti
     (3) `shipped` (a dataset's own answers, data.shipped_descriptions), also when the LLM fails; (4) nothing:
     one warning, and the method goes on with class-name prompts. -> ({classname: [descriptions]}, source)"""
     if descriptions_file:
-        found = common.load_descriptions(descriptions_file)  # may describe more classes than those asked for
-        missing = [c for c in classnames if not found.get(c)]
-        if missing:
+        found = data.load_descriptions(descriptions_file)  # may describe more classes than those asked for
+        if missing := [c for c in classnames if not found.get(c)]:
             print(f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
                   file=sys.stderr)
         return {c: d for c, d in found.items() if c in classnames and d}, f"file {descriptions_file}"
+    if url and not model:
+        raise common.UserError("--llm-url needs --llm-model (the model name the server serves)")
     why = "no --llm-url/--llm-model (an OpenAI-compatible server) and no --descriptions FILE"
-    if url:
-        if not model:
-            raise common.UserError("--llm-url needs --llm-model (the model name the server serves)")
-        try:
-            found = common.describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir)
-            return found, f"llm {model}"
-        except common.LLMError as e:
-            why = f"the LLM failed: {e}"
+    try:
+        if url:
+            return common.describe_classes(classnames, domain, n, url=url, model=model, cache_dir=cache_dir), \
+                f"llm {model}"
+    except common.LLMError as e:
+        why = f"the LLM failed: {e}"
     if shipped is not None:
         print(f"note: using the shipped descriptions ({why})", file=sys.stderr)
         return {c: shipped[c] for c in classnames if shipped.get(c)}, "shipped"
@@ -351,11 +276,6 @@ def build_maple(model, tokenizer, classnames, depth, n_ctx=2, ctx_init="a photo 
     return learner, tokens
 
 
-def vision_prompts(learner):
-    """Project text prompts to vision prompts (the MaPLe coupling). -> [n_ctx, Wv] and a list per deep layer."""
-    return learner["proj"](learner["ctx"][0]), [p(t) for p, t in zip(learner["deep_proj"], learner["deep_text"])]
-
-
 def encode_text_maple(model, learner, tokens):
     """Text encoder with the context tokens replaced by learned prompts at layer 0 and deep layers. -> [C, D]"""
     n_ctx = learner["ctx"][0].shape[0]
@@ -377,7 +297,8 @@ def encode_image_maple(model, learner, images):
     The shallow prompts join before ln_pre as released (open_clip's _embeds ends with ln_pre; its patch dropout,
     off in eval mode, is left out)."""
     visual = model.visual
-    shallow, deep = vision_prompts(learner)
+    shallow = learner["proj"](learner["ctx"][0])  # [n_ctx, Wv]: the text prompts projected (MaPLe's coupling)
+    deep = [proj(t) for proj, t in zip(learner["deep_proj"], learner["deep_text"])]  # one [n_ctx, Wv] per layer
     x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, P, Wv] patch embeddings
     B, n_ctx = x.shape[0], shallow.shape[0]
     x = torch.cat([visual.class_embedding.to(x.dtype).expand(B, 1, -1), x], 1)  # [B, 1+P, Wv]
@@ -452,20 +373,6 @@ def strong_view(size, normalize, crop_min=0.08, flip_p=0.5):
 def two_views(img, weak, strong):
     """(weak view, strong view) of one image, for L_UL."""
     return weak(img), strong(img)
-
-
-def forever(dataset, batch_size, seed, workers=0):
-    """Endless shuffled batches from a seeded sampler (no `iterator.next()` tricks)."""
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=RandomSampler(dataset, generator=g),
-                        drop_last=True, num_workers=workers)
-    while True:
-        yield from loader
-
-
-def subset(samples, labels, idx, transform):
-    """An ImageList over the pool images `idx` with the given (pseudo)labels."""
-    return common.ImageList([samples[i] for i in idx.tolist()], labels, transform)
 
 
 def flatten(dpl):
@@ -582,17 +489,6 @@ def evaluate(model, learner, tokens, dataset, device, batch_size=256):
     return torch.cat(preds)
 
 
-def test_metrics(pred, labels, seen):
-    """Accuracy, plus seen / unseen / harmonic mean in TRZSL (§1.2)."""
-    out = {"test_acc": common.accuracy(pred, labels)}
-    if len(seen):
-        is_seen = torch.isin(labels, seen)
-        out["seen_acc"] = common.accuracy(pred[is_seen], labels[is_seen])
-        out["unseen_acc"] = common.accuracy(pred[~is_seen], labels[~is_seen])
-        out["harmonic_mean"] = common.harmonic_mean(out["seen_acc"], out["unseen_acc"])
-    return out
-
-
 # -----------------------------------------------------------------------------
 # main: the steps in paper order
 
@@ -605,7 +501,7 @@ def zero_shot(d, pseudo_classes, seen, quirk, device):
     not_pl = torch.ones(len(d.classnames), dtype=torch.bool)
     not_pl[pseudo_classes] = False  # TRZSL: the softmax covers the unseen classes only
     probs = (d.scale * d.f_train @ W_pl.T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
-    return test_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W_pl
+    return data.setting_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W_pl
 
 
 def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
@@ -614,54 +510,46 @@ def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
     f_u, names = d.f_train[U], d.classnames
     initial = streaming_leaderboard if rel.leaderboard else initial_pseudolabels
     dpl = {c: U[i] for c, i in initial(probs[U], pseudo_classes, args.n_main).items()}  # pool indices
-    report = {"initial_dpl": {names[c]: v.tolist() for c, v in dpl.items()},
-              "dpl_acc_before_alignment": dpl_accuracy(dpl, d.y_train)}
-    t = args.mismatch_t if args.mismatch_t is not None else math.ceil(len(pseudo_classes) / 10)
-    zs_local = probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
-    if not args.alignment:
-        report.update(mismatched_classes=[], descriptions_source="off", chosen_descriptions={},
-                      dpl_acc_after_alignment=report["dpl_acc_before_alignment"], aligned_dpl=report["initial_dpl"])
-        return dpl, report
-    mm_local, centres = detect_mismatch(f_u, W_pl[pseudo_classes], None if rel.no_low_t else zs_local, t,
-                                        seed=args.seed, scale=d.scale, n_init=args.kmeans_restarts,
-                                        fast=args.detect == "fast")
-    mismatched = [pseudo_classes[i].item() for i in mm_local]
-    print(f"mismatch detection (t={t}): {[names[c] for c in mismatched] or 'none'}")
-    named = common.load_descriptions(args.descriptions) if rel.described and args.descriptions else None
-    described = mismatched if named is None else [c for c in pseudo_classes.tolist() if named.get(names[c])]
-    descriptions, source = class_descriptions(
-        [names[c] for c in described], args.domain or data.DOMAINS.get(args.data, "object"), args.n_descriptions,
-        url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
-        shipped=data.shipped_descriptions(args.data)) if described else ({}, "none")
-    desc_feats = {c: common.zero_shot_weights(d.model, d.tokenizer, descriptions[names[c]], ["{}"], device).cpu()
-                  for c in described if descriptions.get(names[c])}  # bare sentences, no template
-    chosen = choose_descriptions(desc_feats, centres)
-    chosen.update({c: (0, None) for c in desc_feats if c not in chosen})  # no leftover cluster: the first one
-    feats, ids = (d.f_train, torch.arange(len(d.f_train))) if rel.desc_all else (f_u, U)
-    dpl = align_pseudolabels(dpl, feats, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, args.n_main, ids)
-    report.update(mismatched_classes=[names[c] for c in mismatched], descriptions_source=source,
-                  chosen_descriptions={names[c]: descriptions[names[c]][i] for c, (i, _) in chosen.items()},
-                  dpl_acc_after_alignment=dpl_accuracy(dpl, d.y_train),
-                  aligned_dpl={names[c]: v.tolist() for c, v in dpl.items()})
-    for name, text in report["chosen_descriptions"].items():
-        print(f"  {name}: '{text}'")
+    by_name = lambda dpl: {names[c]: v.tolist() for c, v in dpl.items()}  # noqa: E731
+    report = {"initial_dpl": by_name(dpl), "dpl_acc_before_alignment": dpl_accuracy(dpl, d.y_train),
+              "mismatched_classes": [], "descriptions_source": "off", "chosen_descriptions": {}}
+    if args.alignment:
+        t = args.mismatch_t if args.mismatch_t is not None else math.ceil(len(pseudo_classes) / 10)
+        zs_local = None if rel.no_low_t else probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
+        mm_local, centres = detect_mismatch(f_u, W_pl[pseudo_classes], zs_local, t, seed=args.seed, scale=d.scale,
+                                            n_init=args.kmeans_restarts, fast=args.detect == "fast")
+        mismatched = [pseudo_classes[i].item() for i in mm_local]
+        print(f"mismatch detection (t={t}): {[names[c] for c in mismatched] or 'none'}")
+        named = data.load_descriptions(args.descriptions) if rel.described and args.descriptions else None
+        described = mismatched if named is None else [c for c in pseudo_classes.tolist() if named.get(names[c])]
+        descriptions, source = class_descriptions(
+            [names[c] for c in described], args.domain or data.DOMAINS.get(args.data, "object"), args.n_descriptions,
+            url=args.llm_url, model=args.llm_model, descriptions_file=args.descriptions, cache_dir=args.cache_dir,
+            shipped=data.shipped_descriptions(args.data)) if described else ({}, "none")
+        desc_feats = {c: common.zero_shot_weights(d.model, d.tokenizer, descriptions[names[c]], ["{}"], device).cpu()
+                      for c in described if descriptions.get(names[c])}  # bare sentences, no template
+        chosen = choose_descriptions(desc_feats, centres)
+        chosen.update({c: (0, None) for c in desc_feats if c not in chosen})  # no leftover cluster: the first one
+        feats, ids = (d.f_train, torch.arange(len(d.f_train))) if rel.desc_all else (f_u, U)
+        dpl = align_pseudolabels(dpl, feats, {c: desc_feats[c][i] for c, (i, _) in chosen.items()}, args.n_main, ids)
+        report.update(mismatched_classes=[names[c] for c in mismatched], descriptions_source=source,
+                      chosen_descriptions={names[c]: descriptions[names[c]][i] for c, (i, _) in chosen.items()})
+        for name, text in report["chosen_descriptions"].items():
+            print(f"  {name}: '{text}'")
+    report.update(dpl_acc_after_alignment=dpl_accuracy(dpl, d.y_train), aligned_dpl=by_name(dpl))
     return dpl, report
 
 
-def data_streams(args, d, rel, L, U):
-    """Endless batches of the unlabeled pool U (weak and strong views) and of the labeled images L, if any."""
+def training_state(args, d, rel, learner, tokens, ul_classes, L, U):
+    """§3.3 the batch streams (unlabeled pool U: weak and strong views; labeled L, if any), the adapters, SGD, the
+    warm-up + cosine schedule (per iteration) and the grad scaler: what train_step reads."""
+    device, B, make = tokens.device, args.batch_size, functools.partial(data.subset, d.train)
     strong = strong_view(d.model.visual.image_size[0], d.preprocess.transforms[-1], args.crop_min,
                          flip_p=1.0 if rel.flip else 0.5)
     pair = functools.partial(two_views, weak=d.preprocess, strong=strong)
-    batches = {"unlabeled": forever(subset(d.train, d.y_train[U], U, pair), args.batch_size, args.seed, args.workers)}
+    batches = {"unlabeled": data.forever(make(d.y_train[U], U, pair), B, args.seed, args.workers)}
     if len(L):
-        batches["labeled"] = forever(subset(d.train, d.y_train[L], L, d.preprocess), args.batch_size, args.seed + 1,
-                                     args.workers)
-    return batches
-
-
-def training_state(args, d, learner, tokens, batches, ul_classes, U, device):
-    """§3.3 adapters, SGD, warm-up + cosine schedule (per iteration) and grad scaler, with what train_step reads."""
+        batches["labeled"] = data.forever(make(d.y_train[L], L, d.preprocess), B, args.seed + 1, args.workers)
     adapters = build_adapters(d.f_train.shape[1]).to(device)
     opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9,
                           weight_decay=args.wd)
@@ -676,18 +564,18 @@ def training_state(args, d, learner, tokens, batches, ul_classes, U, device):
 def train(args, d, rel, tr, dpl, extra_protos, seen, expansions):
     """§3.2-§3.3 the epochs: margin M rebuilt each epoch from σ and S, then one epoch, then D_PL expansion.
     expansions collects D_PL after each expansion. -> (dpl, stats of the last epoch, its pl-acc)"""
-    C, U = len(d.classnames), tr.unlabeled_pool
+    C, U, make = len(d.classnames), tr.unlabeled_pool, functools.partial(data.subset, d.train)
     M, sigma = torch.zeros(C, C), torch.zeros(C)
     for epoch in range(args.epochs):
         t0 = time.time()
         idx, y_pl = flatten(dpl)
-        tr.batches["main"] = forever(subset(d.train, y_pl, idx, d.preprocess), args.batch_size, args.seed + 2 + epoch,
-                                     args.workers)
+        tr.batches["main"] = data.forever(make(y_pl, idx, d.preprocess), args.batch_size, args.seed + 2 + epoch,
+                                          args.workers)
         if epoch > 0 and args.margin:  # §3.2: M rebuilt at the start of every epoch, zero in epoch 0
             with torch.no_grad(), common.autocast(tr.device):
                 t_plain = encode_text_maple(tr.model, tr.learner, tr.tokens).float().cpu()  # [C, D], no adapter
             p_idx, p_y = flatten({**dpl, **extra_protos}) if extra_protos else (idx, y_pl)
-            protos = class_prototypes(tr, subset(d.train, p_y, p_idx, d.preprocess), p_y, t_plain)
+            protos = class_prototypes(tr, make(p_y, p_idx, d.preprocess), p_y, t_plain)
             M = calibrated_margin(class_similarity(t_plain, protos), sigma, args.margin_scale, rel.margin)
         stats, seen_pl = train_epoch(tr, M, args.iters, args.quiet)
         sigma = prediction_counts(seen_pl, stats["counts"], seen, rel.sigma_repeats)
@@ -713,21 +601,6 @@ def save_outputs(out_dir, args, d, learner, report, expansions):
                         "dpl_expansions": expansions, "classnames": d.classnames}, out_dir / "pseudolabels.pt")
 
 
-def eval_only(args, d, learner, tokens, test_set, seen, zs, device):
-    """Test metrics of the prompts saved in --checkpoint (cap_prompts.pt), without training."""
-    learner.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["learner"])
-    metrics = test_metrics(evaluate(d.model, learner, tokens, test_set, device), d.y_test, seen)
-    print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} | zero-shot {100 * zs['test_acc']:.2f} (1 template)")
-    return metrics
-
-
-def summary(args, metrics, zs, seen):
-    """The run's one-line summary."""
-    return (f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} (zero-shot {100 * zs['test_acc']:.2f}, "
-            f"1 template)" + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
-            + f" | pl-acc {100 * metrics['pseudolabel_acc']:.1f}")
-
-
 def main(argv=None):
     """CAP end to end (§3.1 → §3.3, then the test set). -> the final metrics dict"""
     args = parse_args(argv)
@@ -739,33 +612,39 @@ def main(argv=None):
     L, U, pseudo_classes, seen = data.split_setting(args.mode, d.y_train, C, args.split_seed, rel.ssl_draw)
     # zero-shot CLIP on the same split: the baseline and the source of the initial pseudolabels
     zs, probs, W_pl = zero_shot(d, pseudo_classes, seen, rel.quirk, run.device)
-    zs_check = common.check_zeroshot(zs.get("harmonic_mean", zs["test_acc"]), args, "1 template", args.mode)
+    zs_check = data.check_zeroshot(zs.get("harmonic_mean", zs["test_acc"]), args, "1 template", args.mode)
+    zs_line = f"zero-shot {100 * zs['test_acc']:.2f}, 1 template"
     learner, tokens = build_maple(d.model.cpu(), d.tokenizer, d.classnames, args.prompt_depth)
     d.model, learner, tokens = d.model.to(run.device), learner.to(run.device), tokens.to(run.device)
-    test_set = common.ImageList(d.test, d.y_test, d.preprocess)
-    if args.eval_only:
-        return eval_only(args, d, learner, tokens, test_set, seen, zs, run.device)
+    test_set = data.ImageList(d.test, d.y_test, d.preprocess)
+    if args.eval_only:  # the prompts a training run saved, on the test split
+        learner.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["learner"])
+        metrics = data.setting_metrics(evaluate(d.model, learner, tokens, test_set, run.device), d.y_test, seen)
+        print(f"eval-only | test acc {100 * metrics['test_acc']:.2f} ({zs_line})")
+        return metrics
     # §3.1 concept alignment -> high-precision pseudolabels D_PL
     dpl, report = concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, run.device)
     # §3.2-§3.3 dual-adapter prompt tuning with the calibrated margin
     ul_classes = torch.arange(C) if rel.trzsl_all else pseudo_classes  # what L_UL may pseudolabel
-    batches = data_streams(args, d, rel, L, U)
-    tr = training_state(args, d, learner, tokens, batches, ul_classes, U, run.device)
+    tr = training_state(args, d, rel, learner, tokens, ul_classes, L, U)
     extra_protos = {c.item(): L[d.y_train[L] == c][:args.n_main] for c in seen}  # TRZSL: labeled seen images
     expansions = []
     dpl, stats, pl_acc = train(args, d, rel, tr, dpl, extra_protos, seen, expansions)
     # test accuracy with the adapters off, next to zero-shot and the pseudolabels' accuracy
     pred = evaluate(d.model, learner, tokens, test_set, run.device)
-    metrics = test_metrics(pred, d.y_test, seen)
+    metrics = data.setting_metrics(pred, d.y_test, seen)
     metrics.update({f"zeroshot_{k}": v for k, v in zs.items()}, pseudolabel_acc=pl_acc, mask_rate=stats["mask"],
                    final_loss=stats["pl"] + stats["ul"] + stats["l"], dpl_acc_final=dpl_accuracy(dpl, d.y_train),
                    **{k: report[k] for k in ("dpl_acc_before_alignment", "dpl_acc_after_alignment")})
     save_outputs(run.out_dir, args, d, learner, report, expansions)
-    per_class = dict(zip(d.classnames, common.per_class_accuracy(pred, d.y_test, C).tolist()))
-    return common.finish_run(run, metrics, summary(args, metrics, zs, seen), extra={
+    summary = (f"cap {args.mode} | test acc {100 * metrics['test_acc']:.2f} ({zs_line})"
+               + (f" | H {100 * metrics['harmonic_mean']:.2f}" if len(seen) else "")
+               + f" | pl-acc {100 * metrics['pseudolabel_acc']:.1f}")
+    return common.finish_run(run, metrics, summary, extra={
         "clip": {"model": args.clip_model, "pretrained": d.pretrained}, "split": d.split_info,
         "zeroshot_check": zs_check, "concept_alignment": {k: v for k, v in report.items() if not k.endswith("_dpl")},
-        "release_behaviours": sorted(k for k, v in vars(rel).items() if v), "per_class_test_acc": per_class})
+        "release_behaviours": sorted(k for k, v in vars(rel).items() if v),
+        "per_class_test_acc": dict(zip(d.classnames, common.per_class_accuracy(pred, d.y_test, C).tolist()))})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shared pieces of zeroshot.py, cap.py and coreg.py, in the order a reader needs them: errors and the shared flags,
-prompt templates, images, device and seeds, CLIP, image features and their cache, the hand-written K-Means, metrics,
-the run and its results.json, and the one LLM request. Each function is plain torch and can be copied on its own."""
+prompt templates, device and seeds, CLIP, image features and their cache, the hand-written K-Means, metrics, the
+run and its results.json, and the one LLM request (with CAP's class descriptions). Each function can be copied alone."""
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
@@ -12,21 +12,28 @@ import logging
 import math
 import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub.constants
 import numpy as np
+import open_clip
+import requests
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+import torchvision
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import data  # the dataset table (it imports this module too: each side looks names up at call time)
-import demo  # the offline demo: its tiny CLIP config and weights
+import demo  # the offline demo world and the tiny in-process CLIPs
 
 CACHE_VERSION = 2  # bump when the feature-cache format or preprocessing changes
 
@@ -53,16 +60,17 @@ def run_cli(main):
 
 def _number_type(kind, low, strict=False):
     """-> an argparse type: text -> `kind`, finite and >= low (> low if strict), else a one-line usage error."""
+    what, op = ("an integer" if kind is int else "a finite number"), (">" if strict else ">=")
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
-            what = "an integer" if kind is int else "a finite number"
-            raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what} {op} {low}, got {text}")
         return value
-    parse.__doc__ = f"argparse type: a finite {kind.__name__} {'>' if strict else '>='} {low}."
+    parse.__doc__ = f"argparse type: a finite {kind.__name__} {op} {low}."
     return parse
 
 
@@ -141,42 +149,15 @@ PROMPT_SET_NAMES = {"single": "1 template", "small": "27-template ensemble", "im
 def get_templates(name):
     """'single' | 'small' (27) | 'imagenet' (the 80 OpenAI ImageNet templates shipped by open_clip)."""
     if name == "imagenet":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+        return [t("{}") for t in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
     return {"single": TEMPLATES_SINGLE, "small": TEMPLATES_SMALL}[name]
-
-
-# -----------------------------------------------------------------------------
-# Images as a torch Dataset (the dataset table itself is data.py)
-
-class ImageList(Dataset):
-    """Indexable (image, label, index) with a transform; reads paths lazily, names unreadable files."""
-
-    def __init__(self, samples, labels, transform):
-        self.samples, self.labels, self.transform = samples, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = self.samples[i]
-        img = img[0] if isinstance(img, tuple) else img  # torchvision datasets return (image, label)
-        if isinstance(img, str):
-            from PIL import Image
-            try:
-                img = Image.open(img).convert("RGB")
-            except Exception as e:  # unreadable image: stop and name it (documented choice)
-                raise UserError(f"cannot read image {img}: {e}") from None
-        elif hasattr(img, "convert"):
-            img = img.convert("RGB")
-        return self.transform(img), int(self.labels[i]), i
 
 
 # -----------------------------------------------------------------------------
 # Device and seeds
 
 def get_device(name=None):
-    """--device, default cuda when available; asking for CUDA on a machine without it is a one-line error."""
+    """--device, default cuda when available; asking for a device this machine lacks is a one-line error."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -209,10 +190,7 @@ def progress(iterable, desc, quiet=False, every=30.0):
     """A tqdm bar on a terminal; otherwise (a log file, CI) one plain line every `every` seconds; nothing if quiet."""
     if quiet:
         return iterable
-    if sys.stdout.isatty():
-        from tqdm import tqdm
-        return tqdm(iterable, desc=desc, leave=False)
-    return _every(iterable, desc, every)
+    return tqdm(iterable, desc=desc, leave=False) if sys.stdout.isatty() else _every(iterable, desc, every)
 
 
 def _every(iterable, desc, every):
@@ -228,23 +206,7 @@ def _every(iterable, desc, every):
 # -----------------------------------------------------------------------------
 # CLIP
 
-TINY_CLIP = {"embed_dim": 64,  # 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly the token table): tests
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-
-
-def register_tiny():
-    """Register the 32-px width-64 models in-process (no download): 'tiny' for tests, 'tiny-demo' (demo.py)."""
-    import open_clip
-    for name, cfg in {"tiny": TINY_CLIP, "tiny-demo": demo.CLIP_CONFIG}.items():
-        if name not in open_clip.list_models():
-            path = Path(tempfile.mkdtemp()) / f"{name}.json"
-            path.write_text(json.dumps(cfg))
-            open_clip.add_model_config(path)
-
-
 def _hub_reachable(host="huggingface.co", timeout=3.0):
-    import socket
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -254,7 +216,6 @@ def _hub_reachable(host="huggingface.co", timeout=3.0):
 
 def _is_torchscript(path):
     """OpenAI's released CLIP files (e.g. ViT-B-32.pt) are TorchScript archives: a zip with a code/ folder."""
-    import zipfile
     try:
         with zipfile.ZipFile(path) as z:
             return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
@@ -266,7 +227,6 @@ def clip_architecture(model_name, tag):
     """(open_clip model name, quick_gelu) that the weights were trained with. OpenAI's CLIPs use QuickGELU and open_clip
     only warns when a plain name gets such weights (then every activation and pseudolabel shifts), so the tag's config
     decides; a local TorchScript file is OpenAI's release; any other file keeps the name's own activation."""
-    import open_clip
     if tag is None or os.path.isfile(tag):
         return model_name, (tag is not None and _is_torchscript(tag)) or None
     base = model_name.removesuffix("-quickgelu")
@@ -280,8 +240,7 @@ def clip_architecture(model_name, tag):
 
 def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
     """-> (model in eval mode, preprocess, tokenizer); `pretrained`: open_clip tag, local file or 'none' (random)."""
-    import open_clip
-    register_tiny()
+    demo.register_tiny_clips()
     if model_name not in open_clip.list_models():
         raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), "
                         f"'tiny' or 'tiny-demo'")
@@ -293,15 +252,14 @@ def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
             raise UserError(f"weights file {tag} not found; check --pretrained <file>")
         raise UserError(f"'{tag}' is not a pretrained tag of {model_name} "
                         f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>")
+    root, level = logging.getLogger(), logging.getLogger().level
     if tag and not local and not _hub_reachable():  # the local Hugging Face cache only, not a minute of retries
-        import huggingface_hub.constants
         huggingface_hub.constants.HF_HUB_OFFLINE = True
         logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
-        logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
-    name, quick = clip_architecture(model_name, tag)
-    root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.CRITICAL)  # open_clip logs its own copy of the error
     if tag is None:  # open_clip's "No pretrained weights loaded ... initialized randomly" is our intent here
         root.setLevel(max(level, logging.ERROR))
+    name, quick = clip_architecture(model_name, tag)
     try:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG state as it was
             torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
@@ -416,7 +374,7 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
     return features, labels
 
 
-def prepare(args, device, transform=None, keep_test_in_pool=False):
+def prepare(args, device, keep_test_in_pool=False):
     """Load the dataset and CLIP and encode both splits once (cached), drawing no global random numbers. -> namespace
     of train/test samples and labels, classnames, split_info, model, preprocess, tokenizer, f_train [N, D], f_test."""
     train, y_train, test, y_test, classnames, info = data.load_dataset(args.data, args.data_dir, args.download,
@@ -433,7 +391,7 @@ def prepare(args, device, transform=None, keep_test_in_pool=False):
     for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
         split_key = f"{split}_{info[split + '_hash']}" if info.get(split + "_hash") else split  # the split's content
         cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split_key, args.clip_model, pretrained)
-        feats[split] = encode_images(model, ImageList(samples, labels, transform or preprocess), device,
+        feats[split] = encode_images(model, data.ImageList(samples, labels, preprocess), device,
                                      workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
     return SimpleNamespace(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
                            split_info=info, model=model, preprocess=preprocess, tokenizer=tokenizer,
@@ -548,13 +506,7 @@ def accuracy(pred, labels):
 def per_class_accuracy(pred, labels, num_classes):
     """-> [C] accuracy per class (NaN for classes absent from `labels`)."""
     hit = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
-    count = torch.bincount(labels, minlength=num_classes).float()
-    return hit / count
-
-
-def harmonic_mean(a, b):
-    """2ab / (a + b), 0 when both are 0 (TRZSL's seen/unseen summary)."""
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return hit / torch.bincount(labels, minlength=num_classes).float()
 
 
 # -----------------------------------------------------------------------------
@@ -594,36 +546,8 @@ def check_finite(value, what):
         raise UserError(f"{what} is {value}: the run diverged; lower --lr")
 
 
-PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
-
-
-def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
-    """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
-    template), warn if they differ by > `tol` points. -> {measured, published, source, differs} for results.json"""
-    cell = None
-    if args.pretrained == "openai" and prompt_set == "1 template" and PAPER_RESULTS.exists():
-        zs = json.loads(PAPER_RESULTS.read_text(encoding="utf-8")).get("zeroshot", {})
-        cell = zs.get(setting, {}).get(args.data, {}).get(args.clip_model.removesuffix("-quickgelu"))
-    out = {"measured": round(100 * measured, 2), "published": cell and cell.get("value"),
-           "source": cell and cell.get("source"), "differs": False}
-    if out["published"] is None:
-        print(f"zero-shot {out['measured']:.2f} ({prompt_set}); no published row for {args.data} / "
-              f"{args.clip_model} / {args.pretrained} / {setting}")
-        return out
-    out["differs"] = abs(out["measured"] - out["published"]) > tol
-    print(f"zero-shot {out['measured']:.2f} ({prompt_set}) | published {out['published']:.2f} ({out['source']})")
-    if out["differs"]:
-        print(f"warning: zero-shot differs from the published {out['published']:.2f} by "
-              f"{out['measured'] - out['published']:+.2f} points (> {tol}); usual causes: activation (QuickGELU for "
-              f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
-              f"(docs/usage.md)", file=sys.stderr)
-    return out
-
-
 def versions():
     """Python, torch, torchvision, open_clip and CUDA versions, threads and the git commit, for results.json."""
-    import open_clip
-    import torchvision
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
@@ -642,9 +566,7 @@ def strict_json(obj):
         return [strict_json(v) for v in obj]
     if isinstance(obj, (torch.Tensor, np.generic, np.ndarray)):
         return strict_json(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def finish_run(run, metrics, summary, extra=None):
@@ -671,7 +593,6 @@ class LLMError(Exception):
 def _chat_once(endpoint, body, timeout, max_bytes):
     """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx); anything else
     raises LLMError. No error carries the request or the key (`from None`; an echoed key is blanked)."""
-    import requests  # only the LLM path needs it
     key = os.environ.get("OPENAI_API_KEY")
     try:
         with requests.post(endpoint, json=body, headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -689,17 +610,15 @@ def _chat_once(endpoint, body, timeout, max_bytes):
         return None, "cannot connect (is the server running at this URL?)"
     except requests.RequestException as e:
         raise LLMError(f"request to {endpoint} failed ({type(e).__name__})") from None
-    text = raw.decode("utf-8", "replace")
-    if key:  # should a server echo it
-        text = text.replace(key, "***")
-    if r.status_code == 429 or r.status_code >= 500:
-        return None, f"HTTP {r.status_code}"
-    if r.status_code in (401, 403):
-        raise LLMError(f"HTTP {r.status_code} from {endpoint}: not authorised, check OPENAI_API_KEY")
+    text, status = raw.decode("utf-8", "replace"), r.status_code
+    text = text.replace(key, "***") if key else text  # should a server echo it
+    if status == 429 or status >= 500:
+        return None, f"HTTP {status}"
+    if status in (401, 403):
+        raise LLMError(f"HTTP {status} from {endpoint}: not authorised, check OPENAI_API_KEY")
     if "html" in r.headers.get("Content-Type", "").lower() or text.lstrip().startswith("<"):
-        raise LLMError(f"{endpoint} sent an HTML page (HTTP {r.status_code}), not JSON: "
-                       f"is it an OpenAI-compatible server?")
-    return _reply_contents(text, r.status_code, endpoint), None
+        raise LLMError(f"{endpoint} sent an HTML page (HTTP {status}), not JSON: is it an OpenAI-compatible server?")
+    return _reply_contents(text, status, endpoint), None
 
 
 def _reply_contents(text, status, endpoint):
@@ -708,18 +627,31 @@ def _reply_contents(text, status, endpoint):
     if status != 200:
         raise LLMError(f"HTTP {status} from {endpoint}: {snippet}")
     try:
-        data = json.loads(text)
+        reply = json.loads(text)
     except ValueError:
         raise LLMError(f"{endpoint} returned malformed JSON: {snippet}") from None
-    choices = data.get("choices") if isinstance(data, dict) else None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices:
         raise LLMError(f"{endpoint} reply has no 'choices': {snippet}")
-    contents = [c["message"].get("content") for c in choices
-                if isinstance(c, dict) and isinstance(c.get("message"), dict)]
+    contents = [c["message"].get("content") for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)]
     contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
     if not contents:
         raise LLMError(f"{endpoint} returned {len(choices)} choice(s), all with empty content")
     return contents
+
+
+def _read_cache(cache_file):
+    """Cached reply texts, or None (with a warning if the file exists but is unreadable)."""
+    if cache_file is None or not cache_file.exists():
+        return None
+    try:
+        contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
+        if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
+            return contents
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f"warning: LLM cache {cache_file.name} is unreadable; asking again", file=sys.stderr)
+    return None
 
 
 def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
@@ -730,14 +662,8 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     cache_file = None if cache_dir is None else Path(cache_dir) / "llm" / f"{digest}.json"
-    if cache_file is not None and cache_file.exists():
-        try:
-            contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
-            if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
-                return contents
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        print(f"warning: LLM cache {cache_file.name} is unreadable; asking again", file=sys.stderr)
+    if (cached := _read_cache(cache_file)) is not None:
+        return cached
     base = url.rstrip("/")
     endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
     attempts = max(1, retries)
@@ -756,8 +682,8 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     return contents
 
 
-# CAP's class descriptions (§3.1): the request (the paper does not publish its prompt; this one is ours), the reply's
-# parsing, and description files
+# CAP's class descriptions (§3.1): the request (the paper does not publish its prompt; this one is ours) and the
+# parsing of its reply. Description files are read by data.load_descriptions.
 
 DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
                    "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
@@ -778,36 +704,16 @@ def parse_descriptions(text):
 def _dedupe(items):
     """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
     out = {}
-    for s in items:
-        if s:
-            out.setdefault(s.lower(), s)
+    for s in filter(None, items):
+        out.setdefault(s.lower(), s)
     return list(out.values())
 
 
 def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
     """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class, choices merged; kw to llm_complete."""
-    out = {}
+    out, article = {}, "an" if domain[:1].lower() in "aeiou" else "a"
     for name in classnames:
-        article = "an" if domain[:1].lower() in "aeiou" else "a"
         prompt = DESCRIBE_PROMPT.format(n=n, classname=name, article=article, domain=domain)
         replies = llm_complete(prompt, url=url, model=model, n=choices, cache_dir=cache_dir, **kw)
         out[name] = _dedupe(d for r in replies for d in parse_descriptions(r))[:n]
-    return out
-
-
-def load_descriptions(path):
-    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, "
-                        f"not a {type(data).__name__}")
-    out = {}
-    for name, v in data.items():
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
-        out[name] = [s.strip() for s in v if s.strip()]
     return out

@@ -15,10 +15,13 @@ they used the same split.
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
 import common  # UserError (common imports this module too: names are looked up at call time)
@@ -26,6 +29,42 @@ import demo  # the offline demo world; it imports nothing of ours
 
 
 # `samples` is anything indexable giving a PIL image or an image path.
+
+class ImageList(Dataset):
+    """Indexable (image, label, index) with a transform; reads paths lazily, names unreadable files."""
+
+    def __init__(self, samples, labels, transform):
+        self.samples, self.labels, self.transform = samples, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.samples[i]
+        img = img[0] if isinstance(img, tuple) else img  # torchvision datasets return (image, label)
+        if isinstance(img, str):
+            try:
+                img = Image.open(img).convert("RGB")
+            except Exception as e:  # unreadable image: stop and name it (documented choice)
+                raise common.UserError(f"cannot read image {img}: {e}") from None
+        elif hasattr(img, "convert"):
+            img = img.convert("RGB")
+        return self.transform(img), int(self.labels[i]), i
+
+
+def subset(samples, labels, idx, transform):
+    """An ImageList over the images `idx` of `samples` with the given (pseudo)labels."""
+    return ImageList([samples[i] for i in idx.tolist()], labels, transform)
+
+
+def forever(dataset, batch_size, seed, workers=0):
+    """Endless shuffled batches from a seeded sampler (no `iterator.next()` tricks)."""
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=RandomSampler(dataset, generator=g),
+                        drop_last=True, num_workers=workers)
+    while True:
+        yield from loader
+
 
 EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP, in torchvision folder order
     "annual crop land", "forest", "brushland or shrubland", "highway or road",
@@ -53,8 +92,7 @@ def seeded_split(n, test_frac, seed):
 def decode_images(samples, labels, size, workers=0):
     """Decode every image once, Resize + CenterCrop to `size`. -> uint8 [N, 3, size, size]"""
     tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
-    loader = torch.utils.data.DataLoader(common.ImageList(samples, labels, tf), batch_size=512, num_workers=workers,
-                                         generator=torch.Generator())
+    loader = DataLoader(ImageList(samples, labels, tf), batch_size=512, num_workers=workers, generator=torch.Generator())
     return torch.cat([x for x, _, _ in loader])
 
 
@@ -538,6 +576,50 @@ def shipped_descriptions(name):
     return demo.DESCRIPTIONS if name == "demo" else None
 
 
+def load_descriptions(path):
+    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(found, dict):
+        raise common.UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, "
+                               f"not a {type(found).__name__}")
+    out = {}
+    for name, v in found.items():
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise common.UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
+        out[name] = [s.strip() for s in v if s.strip()]
+    return out
+
+
+PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
+
+
+def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
+    """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
+    template), warn if they differ by > `tol` points. -> {measured, published, source, differs} for results.json"""
+    cell = None
+    if args.pretrained == "openai" and prompt_set == "1 template" and PAPER_RESULTS.exists():
+        zs = json.loads(PAPER_RESULTS.read_text(encoding="utf-8")).get("zeroshot", {})
+        cell = zs.get(setting, {}).get(args.data, {}).get(args.clip_model.removesuffix("-quickgelu"))
+    out = {"measured": round(100 * measured, 2), "published": cell and cell.get("value"),
+           "source": cell and cell.get("source"), "differs": False}
+    if out["published"] is None:
+        print(f"zero-shot {out['measured']:.2f} ({prompt_set}); no published row for {args.data} / "
+              f"{args.clip_model} / {args.pretrained} / {setting}")
+        return out
+    out["differs"] = abs(out["measured"] - out["published"]) > tol
+    print(f"zero-shot {out['measured']:.2f} ({prompt_set}) | published {out['published']:.2f} ({out['source']})")
+    if out["differs"]:
+        print(f"warning: zero-shot differs from the published {out['published']:.2f} by "
+              f"{out['measured'] - out['published']:+.2f} points (> {tol}); usual causes: activation (QuickGELU for "
+              f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
+              f"(docs/usage.md)", file=sys.stderr)
+    return out
+
+
 def load_dataset(name, data_dir="data", download=False, as_released=False):
     """-> (train_samples, train_labels [N], test_samples, test_labels [M], classnames, info).
 
@@ -586,3 +668,19 @@ def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
     seen, unseen = protocol_trzsl(num_classes, split_seed)
     is_seen = torch.isin(labels, seen)
     return all_idx[is_seen], all_idx[~is_seen], unseen, seen
+
+
+def harmonic_mean(a, b):
+    """2ab / (a + b), 0 when both are 0 (TRZSL's seen/unseen summary)."""
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def setting_metrics(pred, labels, seen):
+    """Test accuracy, plus seen / unseen accuracy and their harmonic mean in TRZSL (§1.2; `seen` empty otherwise)."""
+    out = {"test_acc": common.accuracy(pred, labels)}
+    if len(seen):
+        is_seen = torch.isin(labels, seen)
+        out["seen_acc"] = common.accuracy(pred[is_seen], labels[is_seen])
+        out["unseen_acc"] = common.accuracy(pred[~is_seen], labels[~is_seen])
+        out["harmonic_mean"] = harmonic_mean(out["seen_acc"], out["unseen_acc"])
+    return out

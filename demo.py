@@ -26,12 +26,15 @@ and the one Co-Reg is about:
     python zeroshot.py --data demo
     python zeroshot.py --data demo --templates small
 """
+import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -88,10 +91,12 @@ CAPTION_TEMPLATES = ["a photo of {}.", "a photo of the {}.", "an image of {}.", 
 BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
 PRETRAIN_THREADS = 2  # the weights depend on it (float sums); 700 steps take about 4 min on 2 CPU cores
 # 'tiny-demo': 32-px open_clip ViT, width 64, 3 layers, 8x8 patches of 4 px (fine enough for the patterns).
-# common.load_clip registers it with open_clip; this module imports nothing of the project (no import cycle).
 CLIP_CONFIG = {"embed_dim": 64,
                "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}}
+TINY_CLIP = {"embed_dim": 64,  # 'tiny', for tests: 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly tokens)
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
 SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "blank": 3}  # pre-training never sees the demo's images
 PER_CLASS = {"train": 300, "test": 100, "pretrain": 1000}
 
@@ -366,6 +371,15 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, capti
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+def register_tiny_clips():
+    """Register 'tiny' (tests) and 'tiny-demo' (this world) with open_clip, in-process: no download."""
+    for name, cfg in {"tiny": TINY_CLIP, "tiny-demo": CLIP_CONFIG}.items():
+        if name not in open_clip.list_models():
+            path = Path(tempfile.mkdtemp()) / f"{name}.json"
+            path.write_text(json.dumps(cfg))
+            open_clip.add_model_config(path)
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import torch
 
 import common
+import data
 
 
 def parse_args(argv=None):
@@ -51,7 +52,7 @@ def main(argv=None):
     for c in counts.argsort().tolist():
         print(f"  {d.classnames[c]:>32s}  {true_counts[c].item():5d} -> {counts[c].item():5d}"
               f"  test acc {100 * per_class[c].item():5.1f}")
-    check = common.check_zeroshot(acc, args, prompt_set)
+    check = data.check_zeroshot(acc, args, prompt_set)
     pl_acc = common.accuracy(pred_train, d.y_train)
     metrics = {"test_acc": acc, "pseudolabel_acc": pl_acc, "pred_count_min": counts.min().item(),
                "pred_count_max": counts.max().item(), "classes_never_predicted": int((counts == 0).sum())}

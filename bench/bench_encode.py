@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts
 import common
+import data
 
 
 def parse_args(argv=None):
@@ -60,7 +61,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.n_images, 3, 224, 224, generator=g)  # [N, 3, 224, 224], already "preprocessed"
     labels = torch.arange(args.n_images) % 10  # [N]
-    dataset = common.ImageList(list(images), labels, transform=lambda x: x)  # yields (tensor, label, index)
+    dataset = data.ImageList(list(images), labels, transform=lambda x: x)  # yields (tensor, label, index)
 
     runs = {
         "bare": lambda n: bare_forward(model, images[:n], args.batch_size, device),

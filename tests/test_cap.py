@@ -327,19 +327,19 @@ def paper_file(tmp_path, monkeypatch):
     """A docs/paper_results.json stand-in with one zero-shot cell: UL, dtd, ViT-B-32 = 43.20."""
     path = tmp_path / "paper_results.json"
     path.write_text(json.dumps({"zeroshot": {"ul": {"dtd": {"ViT-B-32": {"value": 43.2, "source": "a test table"}}}}}))
-    monkeypatch.setattr(common, "PAPER_RESULTS", path)
+    monkeypatch.setattr(data, "PAPER_RESULTS", path)
     return path
 
 
 def test_zeroshot_within_tolerance_prints_both_numbers_and_does_not_warn(paper_file, capsys):
-    out = common.check_zeroshot(0.44, OPENAI_DTD, "1 template", "ul")
+    out = data.check_zeroshot(0.44, OPENAI_DTD, "1 template", "ul")
     assert out == {"measured": 44.0, "published": 43.2, "source": "a test table", "differs": False}
     captured = capsys.readouterr()
     assert "warning:" not in captured.err and "44.00" in captured.out and "published 43.20" in captured.out
 
 
 def test_zeroshot_three_points_off_warns_in_one_line_naming_the_usual_causes(paper_file, capsys):
-    out = common.check_zeroshot(0.462, OPENAI_DTD, "1 template", "ul")
+    out = data.check_zeroshot(0.462, OPENAI_DTD, "1 template", "ul")
     assert out["differs"] is True and out["published"] == 43.2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: zero-shot differs") and "+3.00" in err[0]
@@ -353,7 +353,7 @@ def test_zeroshot_three_points_off_warns_in_one_line_naming_the_usual_causes(pap
     (OPENAI_DTD, "1 template", "trzsl"),  # no cell for this setting
 ])
 def test_zeroshot_without_a_matching_published_cell_is_not_compared(paper_file, capsys, args, prompt_set, setting):
-    out = common.check_zeroshot(0.10, args, prompt_set, setting)
+    out = data.check_zeroshot(0.10, args, prompt_set, setting)
     assert out == {"measured": 10.0, "published": None, "source": None, "differs": False}
     captured = capsys.readouterr()
     assert captured.err == "" and "no published row" in captured.out
@@ -361,13 +361,13 @@ def test_zeroshot_without_a_matching_published_cell_is_not_compared(paper_file, 
 
 def test_quickgelu_model_name_finds_the_same_published_cell(paper_file):
     args = SimpleNamespace(pretrained="openai", data="dtd", clip_model="ViT-B-32-quickgelu")
-    assert common.check_zeroshot(0.432, args, "1 template", "ul")["published"] == 43.2
+    assert data.check_zeroshot(0.432, args, "1 template", "ul")["published"] == 43.2
 
 
 def test_shipped_paper_results_have_a_sourced_zeroshot_cell_for_dtd_vit_b_32_ul(capsys):
-    cell = json.loads(common.PAPER_RESULTS.read_text())["zeroshot"]["ul"]["dtd"]["ViT-B-32"]
+    cell = json.loads(data.PAPER_RESULTS.read_text())["zeroshot"]["ul"]["dtd"]["ViT-B-32"]
     assert 0 < cell["value"] < 100 and cell["source"]
-    out = common.check_zeroshot(cell["value"] / 100, OPENAI_DTD, "1 template", "ul")
+    out = data.check_zeroshot(cell["value"] / 100, OPENAI_DTD, "1 template", "ul")
     assert (out["published"], out["source"], out["differs"]) == (cell["value"], cell["source"], False)
 
 
@@ -375,7 +375,7 @@ def test_a_cap_run_records_the_zeroshot_check_and_warns_when_far_from_the_publis
                                                                                           capsys):
     path = tmp_path / "paper_results.json"
     path.write_text(json.dumps({"zeroshot": {"ul": {"synthetic": {"tiny": {"value": 99.0, "source": "a test"}}}}}))
-    monkeypatch.setattr(common, "PAPER_RESULTS", path)
+    monkeypatch.setattr(data, "PAPER_RESULTS", path)
     real = common.load_clip
     monkeypatch.setattr(common, "load_clip", lambda name, pretrained, device: real(name, "none", device))
     m = run(tmp_path, "--pretrained", "openai")  # offline: the tiny random CLIP stands in for OpenAI's weights

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import demo
 import zeroshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,8 +278,8 @@ def test_accuracy_and_per_class_accuracy_on_a_hand_example():
 
 
 def test_harmonic_mean_of_half_and_one_is_two_thirds():
-    assert common.harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
-    assert common.harmonic_mean(0.0, 0.0) == 0.0
+    assert data.harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert data.harmonic_mean(0.0, 0.0) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def tiny_tags(tmp_path, monkeypatch):
     import open_clip
     import open_clip.factory
     import open_clip.pretrained
-    common.register_tiny()
+    demo.register_tiny_clips()
     f = tmp_path / "tiny.pt"
     torch.save(open_clip.create_model("tiny").state_dict(), f)
     cfg = dict(url="", hf_hub="", mean=None, std=None)
@@ -315,7 +316,7 @@ def test_weights_trained_with_quickgelu_run_with_quickgelu(tiny_tags, recwarn):
 
 def test_openai_torchscript_file_runs_with_quickgelu(tmp_path):
     import open_clip
-    common.register_tiny()
+    demo.register_tiny_clips()
     model = open_clip.create_model("tiny", force_quick_gelu=True).eval()
     f = tmp_path / "ViT-tiny.pt"  # OpenAI's release format: a TorchScript archive, its state_dict our keys
     model.attn_mask = model._buffers.pop("attn_mask")  # OpenAI's CLIP keeps the mask as a plain attribute

@@ -16,7 +16,8 @@ import cap
 import common
 import data
 from cap import class_descriptions
-from common import LLMError, describe_classes, llm_complete, load_descriptions, parse_descriptions
+from common import LLMError, describe_classes, llm_complete, parse_descriptions
+from data import load_descriptions
 
 KEY = "sk-test-SECRET-0123456789"
 
