@@ -13,12 +13,10 @@ The defaults are the paper's formulas; --as-released switches to the released co
 two differ (RELEASE_BEHAVIOURS; docs/cap.md measures each).
 
     python cap.py --data dtd --mode ul
-    python cap.py --data dtd --mode ul --as-released --descriptions descriptions/dtd.json
     python cap.py --data eurosat --mode trzsl --llm-url http://localhost:11434 --llm-model llama3.1
     python cap.py --data demo --mode ul          # offline demo world, CPU, under a minute
 """
 import os
-
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
 
 import argparse  # noqa: E402
@@ -32,17 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 import common
 import data
 
-# Per-dataset values of the release (docs/cap.md); the demo world's CPU-sized budget; ImageNet's fast detection.
+# Per-dataset values of the release (docs/cap.md); ImageNet's fast detection; the demo's CPU-sized budget: 32 of its
+# 300 images per class (the paper's 16 of ~100-1000), crops keeping half of its 32-px patterns (demo.py).
 DATASET_DEFAULTS = {"flowers102": {"n_main": 6}, "fgvc_aircraft": {"tau": 0.5, "max_main_ratio": 0.6},
                     "imagenet": {"detect": "fast", "kmeans_restarts": 1},
-                    "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20,
-                             "n_main": 32,  # 32 of 300 images per class (the paper's 16 of ~100-1000)
-                             "crop_min": 0.5}}  # 32-px patterns whose classes differ by scale (demo.py)
+                    "demo": {"mismatch_t": 2, "epochs": 10, "iters": 20, "n_main": 32, "crop_min": 0.5}}
 # Where the released code (Noahwangyuchen/CAP) does something other than the paper's text. The paper's
 # formulas are the default; --as-released turns on all of these, --release a,b some.
 RELEASE_BEHAVIOURS = {
@@ -59,7 +56,6 @@ RELEASE_BEHAVIOURS = {
     "eurosat-pool": "EuroSAT: the test images stay in the unlabeled pool (data.py)",
 }
 RELEASE_PROMPT = "a photo of a {{}}{}"  # .format(name) -> "a photo of a {}name", the release's f"{template}{name}"
-
 
 def parse_args(argv=None):
     """The shared flags (common.add_common_args) and CAP's; a dataset's DATASET_DEFAULTS apply unless typed."""
@@ -111,7 +107,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# §3.1 Concept alignment: mismatch detection by iterative K-Means
+# §3.1 Concept alignment: mismatch detection by iterative K-Means, class descriptions, relabelled D_PL
 
 def match_log_odds(logits):
     """log P/(1−P) of P = softmax over clusters (dim 1) of logits [R, R]. Ranks pairs exactly as P does,
@@ -124,7 +120,6 @@ def match_log_odds(logits):
     log_rest = torch.log1p(-log_p.exp())  # [R, R]
     log_rest.scatter_(1, top, logits.scatter(1, top, float("-inf")).logsumexp(1, keepdim=True) - lse)
     return log_p - log_rest  # [R, R]
-
 
 def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20, scale=100.0, fast=False):
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
@@ -155,17 +150,13 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         image_features[:0]
     return (classes if zs_pred is None else intersect_low_t(classes, zs_pred, t, C)), centres
 
-
 def intersect_low_t(final, zs_pred, t, num_classes):
     """Y_MM = Y_final ∩ Y_low-t, Y_low-t the t classes zero-shot predicts least (zs_pred [N]). -> class ids"""
     counts = torch.bincount(zs_pred, minlength=num_classes)  # [C]
     low_t = set(counts.argsort(stable=True)[:t].tolist())  # Y_low-t
     return [c for c in final if c in low_t]
 
-
-# -----------------------------------------------------------------------------
-# §3.1 Class descriptions (the LLM request and its parsing: common.describe_classes)
-
+# §3.1 class descriptions (the LLM request and its parsing: common.describe_classes) and the relabelled D_PL
 def class_descriptions(classnames, domain, n, *, url=None, model=None, descriptions_file=None, cache_dir=None,
                        shipped=None):
     """Where descriptions come from, first match wins: (1) --descriptions FILE; (2) the LLM at --llm-url;
@@ -192,7 +183,6 @@ def class_descriptions(classnames, domain, n, *, url=None, model=None, descripti
     print(f"warning: no class descriptions ({why}); going on with class-name prompts", file=sys.stderr)
     return {}, "none"
 
-
 def choose_descriptions(desc_features, centres):
     """Per mismatched class, the description nearest a leftover cluster centre (§3.1); clusters go greedily, one
     per class, best cosine first. desc_features {class: [n, D]}, centres [R, D]. -> {class: (description, cluster)}"""
@@ -205,17 +195,12 @@ def choose_descriptions(desc_features, centres):
             taken.add(j)
     return chosen
 
-
 def initial_pseudolabels(probs, classes, K):
     """High-precision D_PL (§4.2): per class, the K most confident images predicted as that class,
     filled from the highest-probability remaining images if fewer are predicted. -> {class: idx [≤K]}"""
     pred = classes[probs[:, classes].argmax(1)]  # [N] restricted to the pseudolabeled classes
-    dpl = {}
-    for c in classes.tolist():
-        score = probs[:, c] + (pred == c).float()  # predicted-as-c ranks first, then by probability
-        dpl[c] = score.topk(min(K, len(score))).indices
-    return dpl
-
+    score = lambda c: probs[:, c] + (pred == c).float()  # noqa: E731  predicted-as-c first, then by probability
+    return {c: score(c).topk(min(K, len(probs))).indices for c in classes.tolist()}
 
 def streaming_leaderboard(probs, classes, K):
     """Initial D_PL as released (FPL's leaderboard). Images arrive in pool order and join the board of their
@@ -238,7 +223,6 @@ def streaming_leaderboard(probs, classes, K):
                 boards[cols[j]] = sorted(b + [(row[j], n)], reverse=True)[:K]
     return {c: torch.tensor([n for _, n in b], dtype=torch.long) for c, b in boards.items()}
 
-
 def align_pseudolabels(dpl, image_features, description_features, K, ids=None):
     """Replace a mismatched class's D_PL by the top-K images by cosine to its chosen description.
     ids [N] maps a row of image_features to the index D_PL uses (default: the row itself)."""
@@ -247,7 +231,6 @@ def align_pseudolabels(dpl, image_features, description_features, K, ids=None):
         top = (image_features @ f).topk(min(K, len(image_features))).indices  # [K]
         dpl[c] = top if ids is None else ids[top]
     return dpl
-
 
 def dpl_accuracy(dpl, labels):
     """Fraction of D_PL's pseudolabels {class: idx} that match the true labels."""
@@ -266,21 +249,17 @@ def build_maple(model, tokenizer, classnames, depth, n_ctx=2, ctx_init="a photo 
     with torch.no_grad():
         init = model.token_embedding(tokenizer([ctx_init]))[0, 1:1 + n_ctx].float()  # [n_ctx, Wt]: "a photo"
     deep = [nn.Parameter(torch.randn(n_ctx, w_txt) * 0.02) for _ in range(depth - 1)]
-    learner = nn.ModuleDict({
-        "ctx": nn.ParameterList([nn.Parameter(init.clone())]),
-        "proj": nn.Linear(w_txt, w_vis),  # shallow text→vision coupling
-        "deep_text": nn.ParameterList(deep),
-        "deep_proj": nn.ModuleList([nn.Linear(w_txt, w_vis) for _ in range(depth - 1)]),
-    })
+    learner = nn.ModuleDict({"ctx": nn.ParameterList([nn.Parameter(init.clone())]),
+                             "proj": nn.Linear(w_txt, w_vis),  # shallow text→vision coupling
+                             "deep_text": nn.ParameterList(deep),
+                             "deep_proj": nn.ModuleList([nn.Linear(w_txt, w_vis) for _ in range(depth - 1)])})
     tokens = tokenizer([f"{ctx_init} {name}." for name in classnames])  # [C, L]
     return learner, tokens
 
-
 def encode_text_maple(model, learner, tokens):
     """Text encoder with the context tokens replaced by learned prompts at layer 0 and deep layers. -> [C, D]"""
-    n_ctx = learner["ctx"][0].shape[0]
+    C, n_ctx = len(tokens), learner["ctx"][0].shape[0]
     x = model.token_embedding(tokens)  # [C, L, Wt]
-    C = x.shape[0]
     x = torch.cat([x[:, :1], learner["ctx"][0].expand(C, -1, -1), x[:, 1 + n_ctx:]], 1)
     x = x + model.positional_embedding
     for i, block in enumerate(model.transformer.resblocks):
@@ -291,11 +270,9 @@ def encode_text_maple(model, learner, tokens):
     x = x[torch.arange(C), tokens.argmax(-1)] @ model.text_projection  # EOT token, [C, D]
     return F.normalize(x.float(), dim=-1)
 
-
 def encode_image_maple(model, learner, images):
-    """Vision encoder with n_ctx prompt tokens appended after the patches, replaced at deep layers. -> [B, D]
-    The shallow prompts join before ln_pre as released (open_clip's _embeds ends with ln_pre; its patch dropout,
-    off in eval mode, is left out)."""
+    """Vision encoder with n_ctx prompt tokens appended after the patches (before ln_pre, as released; open_clip's
+    patch dropout, off in eval mode, is left out) and replaced at deep layers. -> [B, D]"""
     visual = model.visual
     shallow = learner["proj"](learner["ctx"][0])  # [n_ctx, Wv]: the text prompts projected (MaPLe's coupling)
     deep = [proj(t) for proj, t in zip(learner["deep_proj"], learner["deep_text"])]  # one [n_ctx, Wv] per layer
@@ -312,12 +289,10 @@ def encode_image_maple(model, learner, images):
     pooled, _ = visual._pool(x)  # class token
     return F.normalize((pooled @ visual.proj).float(), dim=-1)
 
-
 def build_adapters(dim, hidden=128):
     """Main visual, pseudo visual and text adapters: Linear(d→128) → ReLU → Linear(128→d) (§4.3)."""
     make = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
     return nn.ModuleDict({"main": make(), "pseudo": make(), "text": make()})
-
 
 def adapt(adapter, x, training=True, scale=0.01):
     """Residual adapter on L2-normalised embeddings: x + 0.01·A(x), re-normalised. Identity at inference."""
@@ -331,7 +306,6 @@ def class_similarity(text_features, prototypes):
     """S_ij = max(sim(v̄_i, v̄_j), sim(w_i, w_j)) from L2-normalised prototypes [C, D] and text [C, D]."""
     return torch.maximum(text_features @ text_features.T, prototypes @ prototypes.T)  # [C, C]
 
-
 def calibrated_margin(S, sigma, m, as_released=False):
     """Margin matrix M [C, C] from similarity S [C, C] and prediction counts σ [C] (§3.2).
     paper:    δ_c = 1 − σ(c)/max σ, Δ = max δ, m_c = m·Δ·δ_c, M_yc = m_y·S_yc.
@@ -339,20 +313,17 @@ def calibrated_margin(S, sigma, m, as_released=False):
     if sigma.max() <= 0:  # nothing confidently predicted yet: no margin
         return torch.zeros_like(S)
     r = sigma.float() / sigma.max()  # [C]
-    if not as_released:
-        delta = 1 - r
-        return (m * delta.max() * delta)[:, None] * S
+    if not as_released:  # δ = 1 − r
+        return (m * (1 - r).max() * (1 - r))[:, None] * S
     lo, hi = S.min(1, keepdim=True).values, S.max(1, keepdim=True).values
     S = lo + (S - lo) / (hi - lo).clamp_min(1e-12) * (1 - lo)
     w = (r.max() - r.min()) * m * (1 - r) / (1 + r)
     return w[:, None] * S
 
-
 def margin_cross_entropy(logits, targets, M, reduction="mean"):
     """L_m(y, z) = −log e^{z_y} / (e^{z_y} + Σ_{c≠y} e^{z_c + M_yc}). logits [B, C], targets [B], M [C, C]."""
     off_target = 1 - F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # margin only on c ≠ y
     return F.cross_entropy(logits + M[targets] * off_target, targets, reduction=reduction)
-
 
 def fixmatch_loss(logits_s, y_hat, mask, M):
     """L_UL: margin CE on the strong view against weak-view pseudolabels, averaged over masked samples
@@ -369,23 +340,19 @@ def strong_view(size, normalize, crop_min=0.08, flip_p=0.5):
     return T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(flip_p), T.ToTensor(), normalize])
 
-
 def two_views(img, weak, strong):
     """(weak view, strong view) of one image, for L_UL."""
     return weak(img), strong(img)
-
 
 def flatten(dpl):
     """{class: idx} -> (pool indices [n], pseudolabels [n])."""
     idx = torch.cat(list(dpl.values()))
     return idx, torch.cat([torch.full((len(v),), c, dtype=torch.long) for c, v in dpl.items()])
 
-
 @torch.no_grad()
 def class_prototypes(tr, dataset, labels, text_features, batch_size=256):
     """v̄_c: mean main-adapter feature of each class's D_PL images, L2-normalised; text if a class has none."""
-    C, D = text_features.shape
-    sums = torch.zeros(C, D)
+    sums = torch.zeros_like(text_features)  # [C, D]
     for x, _, i in DataLoader(dataset, batch_size=batch_size):
         with common.autocast(tr.device):
             v = adapt(tr.adapters["main"], encode_image_maple(tr.model, tr.learner, x.to(tr.device)))
@@ -393,7 +360,6 @@ def class_prototypes(tr, dataset, labels, text_features, batch_size=256):
     empty = sums.norm(dim=1) == 0
     sums[empty] = text_features[empty]
     return F.normalize(sums, dim=-1)  # [C, D]
-
 
 def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
     """D_PL expansion (§4.6): k_e = K + ⌊(min(1000, ⌊⌊|U|/C'⌋·ratio⌋) − K)·min(1, e / 0.7E)⌋ per class, from
@@ -409,7 +375,6 @@ def expand_dpl(dpl, seen_pl, pool_size, n_main, epoch, epochs, ratio):
         new[c] = torch.cat([fresh, old[:k_e - len(fresh)]])
     return new
 
-
 def prediction_counts(seen_pl, counts, seen, repeats=False):
     """σ [C] for the margin (§3.2): last epoch's confident predictions per class, one per image (paper:
     "samples"), or all of them, an image drawn twice counting twice (release). Never-pseudolabeled classes count
@@ -419,7 +384,6 @@ def prediction_counts(seen_pl, counts, seen, repeats=False):
     sigma[seen] = sigma.max()
     return sigma  # [C]
 
-
 def weak_pseudolabels(logits_w, classes, tau):
     """L_UL's FixMatch pseudolabels from weak-view logits [B, C], softmax over `classes` only: the
     pseudolabeled classes (paper; TRZSL: unseen), or all classes (TRZSL as released). -> conf, ŷ, mask [B]"""
@@ -427,7 +391,6 @@ def weak_pseudolabels(logits_w, classes, tau):
     allowed[classes] = 0
     conf, y_hat = (logits_w + allowed).softmax(1).max(1)  # [B], [B]
     return conf, y_hat, (conf > tau).float()
-
 
 def train_step(tr, M):
     """One iteration of L = L_PL + L_UL (+ L_L), logits z = scale·<v, t>, on tr (training_state).
@@ -457,7 +420,6 @@ def train_step(tr, M):
     tr.sched.step()
     return (w_pl * loss_pl.item(), w_ul * loss_u.item(), loss_l.item()), conf.cpu(), y_hat.cpu(), mask.cpu(), y_u, u_pos
 
-
 def train_epoch(tr, M, iters, quiet):
     """One epoch. -> stats (mean loss parts, mask rate, pl-acc counts, counts [C] of every confident prediction)
     and {pool position: (class, confidence)}, each image's most confident prediction of the epoch."""
@@ -476,17 +438,13 @@ def train_epoch(tr, M, iters, quiet):
         stats["n_conf"] += int(keep.sum())
     return stats, seen_pl
 
-
 @torch.no_grad()
 def evaluate(model, learner, tokens, dataset, device, batch_size=256):
     """Test predictions with MaPLe prompts only: every adapter is off at inference (§3.3). -> pred [M]"""
     with common.autocast(device):
         t = encode_text_maple(model, learner, tokens.to(device))  # [C, D]
-    preds = []
-    for x, _, _ in DataLoader(dataset, batch_size=batch_size):
-        with common.autocast(device):
-            preds.append((encode_image_maple(model, learner, x.to(device)) @ t.T).argmax(1).cpu())
-    return torch.cat(preds)
+        return torch.cat([(encode_image_maple(model, learner, x.to(device)) @ t.T).argmax(1).cpu()
+                          for x, _, _ in DataLoader(dataset, batch_size=batch_size)])  # [M]
 
 
 # -----------------------------------------------------------------------------
@@ -496,13 +454,11 @@ def zero_shot(d, pseudo_classes, seen, quirk, device):
     """Zero-shot CLIP with 'a photo of a {}.' (the baseline) and the pseudolabel softmax over the pseudolabeled
     classes, from the release's prompt with quirk. -> (test metrics, probs [N, C], W_pl [C, D])"""
     W = common.zero_shot_weights(d.model, d.tokenizer, d.classnames, common.TEMPLATES_SINGLE, device).cpu()
-    W_pl = W if not quirk else common.zero_shot_weights(d.model, d.tokenizer, d.classnames, [RELEASE_PROMPT],
-                                                          device).cpu()  # [C, D]
+    W_pl = common.zero_shot_weights(d.model, d.tokenizer, d.classnames, [RELEASE_PROMPT], device).cpu() if quirk else W
     not_pl = torch.ones(len(d.classnames), dtype=torch.bool)
     not_pl[pseudo_classes] = False  # TRZSL: the softmax covers the unseen classes only
     probs = (d.scale * d.f_train @ W_pl.T).masked_fill(not_pl, float("-inf")).softmax(1)  # [N, C]
     return data.setting_metrics((d.f_test @ W.T).argmax(1), d.y_test, seen), probs, W_pl
-
 
 def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
     """§3.1 end to end: D_PL, mismatch detection, LLM descriptions, relabelled D_PL. -> (dpl, report)
@@ -539,7 +495,6 @@ def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
     report.update(dpl_acc_after_alignment=dpl_accuracy(dpl, d.y_train), aligned_dpl=by_name(dpl))
     return dpl, report
 
-
 def training_state(args, d, rel, learner, tokens, ul_classes, L, U):
     """§3.3 the batch streams (unlabeled pool U: weak and strong views; labeled L, if any), the adapters, SGD, the
     warm-up + cosine schedule (per iteration) and the grad scaler: what train_step reads."""
@@ -551,21 +506,18 @@ def training_state(args, d, rel, learner, tokens, ul_classes, L, U):
     if len(L):
         batches["labeled"] = data.forever(make(d.y_train[L], L, d.preprocess), B, args.seed + 1, args.workers)
     adapters = build_adapters(d.f_train.shape[1]).to(device)
-    opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], lr=args.lr, momentum=0.9,
-                          weight_decay=args.wd)
+    opt = torch.optim.SGD([*learner.parameters(), *adapters.parameters()], args.lr, momentum=0.9, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine(s, args.epochs * args.iters, args.iters))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     return SimpleNamespace(model=d.model, learner=learner, adapters=adapters, opt=opt, sched=sched, scaler=scaler,
-                           batches=batches, tokens=tokens, device=device, scale=d.scale, tau=args.tau,
-                           ul_classes=ul_classes.to(device), unlabeled_pool=U, use_main=args.main,
-                           use_pseudo=args.pseudo)
+                           batches=batches, tokens=tokens, device=device, scale=d.scale, tau=args.tau, unlabeled_pool=U,
+                           ul_classes=ul_classes.to(device), use_main=args.main, use_pseudo=args.pseudo)
 
-
-def train(args, d, rel, tr, dpl, extra_protos, seen, expansions):
+def train(args, d, rel, tr, dpl, extra_protos, seen):
     """§3.2-§3.3 the epochs: margin M rebuilt each epoch from σ and S, then one epoch, then D_PL expansion.
-    expansions collects D_PL after each expansion. -> (dpl, stats of the last epoch, its pl-acc)"""
+    -> (dpl, stats of the last epoch, its pl-acc, D_PL after each expansion)"""
     C, U, make = len(d.classnames), tr.unlabeled_pool, functools.partial(data.subset, d.train)
-    M, sigma = torch.zeros(C, C), torch.zeros(C)
+    M, sigma, expansions = torch.zeros(C, C), torch.zeros(C), []
     for epoch in range(args.epochs):
         t0 = time.time()
         idx, y_pl = flatten(dpl)
@@ -589,8 +541,7 @@ def train(args, d, rel, tr, dpl, extra_protos, seen, expansions):
             seen_pool = {U[pos].item(): v for pos, v in seen_pl.items()}
             dpl = expand_dpl(dpl, seen_pool, len(U), args.n_main, epoch, args.epochs, args.max_main_ratio)
             expansions.append({"epoch": epoch + 1, **{d.classnames[c]: v.tolist() for c, v in dpl.items()}})
-    return dpl, stats, pl_acc
-
+    return dpl, stats, pl_acc, expansions
 
 def save_outputs(out_dir, args, d, learner, report, expansions):
     """The prompts (cap_prompts.pt) and the pseudolabels (pseudolabels.pt, docs/usage.md)."""
@@ -599,7 +550,6 @@ def save_outputs(out_dir, args, d, learner, report, expansions):
     common.save_atomic({"initial_dpl": report["initial_dpl"], "mismatched": report["mismatched_classes"],
                         "descriptions": report["chosen_descriptions"], "dpl_after_alignment": report["aligned_dpl"],
                         "dpl_expansions": expansions, "classnames": d.classnames}, out_dir / "pseudolabels.pt")
-
 
 def main(argv=None):
     """CAP end to end (§3.1 → §3.3, then the test set). -> the final metrics dict"""
@@ -628,8 +578,7 @@ def main(argv=None):
     ul_classes = torch.arange(C) if rel.trzsl_all else pseudo_classes  # what L_UL may pseudolabel
     tr = training_state(args, d, rel, learner, tokens, ul_classes, L, U)
     extra_protos = {c.item(): L[d.y_train[L] == c][:args.n_main] for c in seen}  # TRZSL: labeled seen images
-    expansions = []
-    dpl, stats, pl_acc = train(args, d, rel, tr, dpl, extra_protos, seen, expansions)
+    dpl, stats, pl_acc, expansions = train(args, d, rel, tr, dpl, extra_protos, seen)
     # test accuracy with the adapters off, next to zero-shot and the pseudolabels' accuracy
     pred = evaluate(d.model, learner, tokens, test_set, run.device)
     metrics = data.setting_metrics(pred, d.y_test, seen)

@@ -44,7 +44,6 @@ CACHE_VERSION = 2  # bump when the feature-cache format or preprocessing changes
 class UserError(Exception):
     """A problem the user can fix (missing data or weights, a bad flag or path): run_cli prints one line, exit 2."""
 
-
 def run_cli(main):
     """Entry point wrapper: UserError -> one line on stderr, exit 2; Ctrl-C -> 'interrupted', exit 130."""
     try:
@@ -56,7 +55,6 @@ def run_cli(main):
     except KeyboardInterrupt:  # caches and results are written to a temp name first: nothing is half-written
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
 
 def _number_type(kind, low, strict=False):
     """-> an argparse type: text -> `kind`, finite and >= low (> low if strict), else a one-line usage error."""
@@ -70,15 +68,12 @@ def _number_type(kind, low, strict=False):
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {what} {op} {low}, got {text}")
         return value
-    parse.__doc__ = f"argparse type: a finite {kind.__name__} {op} {low}."
     return parse
-
 
 positive_int = _number_type(int, 1)  # counts and sizes
 nonneg_int = _number_type(int, 0)
 positive_float = _number_type(float, 0.0, strict=True)  # learning rates, temperatures: nan, inf, 0 and -1 refused
 nonneg_float = _number_type(float, 0.0)
-
 
 def add_common_args(p):
     """The flags every script shares, with the same names and meanings."""
@@ -100,12 +95,10 @@ def add_common_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
-
 def add_ablation_switches(p, components):
     """One --NAME / --no-NAME flag per {NAME: what it is}, on by default: the ablations switch one component off."""
     for name, what in components.items():
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=what)
-
 
 def parse_args(p, argv, dataset_defaults):
     """Parse argv with per-dataset defaults (data.CLIP_DEFAULTS, then {data: {dest: value}}); typed flags win."""
@@ -113,14 +106,12 @@ def parse_args(p, argv, dataset_defaults):
     p.set_defaults(**data.CLIP_DEFAULTS.get(data_name, {}), **dataset_defaults.get(data_name, {}))
     return p.parse_args(argv)
 
-
 def release_settings(args, behaviours):
     """--as-released (all) or --release a,b (some) -> one bool per behaviour (--release no-low-t -> .no_low_t)."""
     chosen = set(behaviours) if getattr(args, "as_released", False) else set(filter(None, args.release.split(",")))
     if unknown := chosen - set(behaviours):
         raise UserError(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(behaviours)}")
     return SimpleNamespace(**{b.replace("-", "_"): b in chosen for b in behaviours})
-
 
 def cosine(t, total, warmup=0, floor=0.0):
     """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine from 1 to `floor` at `total`."""
@@ -141,10 +132,8 @@ TEMPLATES_SMALL = [
     "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
     "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
     "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
-    "a photo of a cool {}", "a photo of a small {}",
-]
+    "a photo of a cool {}", "a photo of a small {}"]
 PROMPT_SET_NAMES = {"single": "1 template", "small": "27-template ensemble", "imagenet": "80-template ensemble"}
-
 
 def get_templates(name):
     """'single' | 'small' (27) | 'imagenet' (the 80 OpenAI ImageNet templates shipped by open_clip)."""
@@ -170,7 +159,6 @@ def get_device(name=None):
         raise UserError(f"--device {name}: not supported; use cpu, cuda or cuda:N")
     return device
 
-
 def set_seed(seed):
     """Seed Python's, numpy's and torch's (CPU and CUDA) global generators."""
     random.seed(seed)
@@ -178,20 +166,17 @@ def set_seed(seed):
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
 
-
 def autocast(device):
     """Mixed precision on CUDA only: bf16 if supported, else fp16 (cap.py adds a GradScaler); CPU: nullcontext."""
     if torch.device(device).type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
-
 def progress(iterable, desc, quiet=False, every=30.0):
     """A tqdm bar on a terminal; otherwise (a log file, CI) one plain line every `every` seconds; nothing if quiet."""
     if quiet:
         return iterable
     return tqdm(iterable, desc=desc, leave=False) if sys.stdout.isatty() else _every(iterable, desc, every)
-
 
 def _every(iterable, desc, every):
     total = len(iterable) if hasattr(iterable, "__len__") else "?"
@@ -213,7 +198,6 @@ def _hub_reachable(host="huggingface.co", timeout=3.0):
     except OSError:
         return False
 
-
 def _is_torchscript(path):
     """OpenAI's released CLIP files (e.g. ViT-B-32.pt) are TorchScript archives: a zip with a code/ folder."""
     try:
@@ -221,7 +205,6 @@ def _is_torchscript(path):
             return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
-
 
 def clip_architecture(model_name, tag):
     """(open_clip model name, quick_gelu) that the weights were trained with. OpenAI's CLIPs use QuickGELU and open_clip
@@ -231,19 +214,16 @@ def clip_architecture(model_name, tag):
         return model_name, (tag is not None and _is_torchscript(tag)) or None
     base = model_name.removesuffix("-quickgelu")
     for name in (model_name, base):
-        cfg = open_clip.get_pretrained_cfg(name, tag)
-        if cfg:
+        if cfg := open_clip.get_pretrained_cfg(name, tag):
             quick = bool(cfg.get("quick_gelu", False))
             return (name if quick or name == base else base), quick  # a -quickgelu name with a GELU tag: GELU
     return model_name, None
-
 
 def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
     """-> (model in eval mode, preprocess, tokenizer); `pretrained`: open_clip tag, local file or 'none' (random)."""
     demo.register_tiny_clips()
     if model_name not in open_clip.list_models():
-        raise UserError(f"unknown CLIP model '{model_name}'; choose one of open_clip.list_models(), "
-                        f"'tiny' or 'tiny-demo'")
+        raise UserError(f"unknown CLIP model '{model_name}'; see open_clip.list_models(), or 'tiny', 'tiny-demo'")
     tag = None if pretrained in (None, "", "none") else str(pretrained)
     local = tag is not None and os.path.isfile(tag)
     if tag and not local and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag) \
@@ -278,11 +258,9 @@ def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
         root.setLevel(level)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
-
 @torch.no_grad()
 def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
     """Template-averaged text classifier (CLIP's prompt ensembling). -> [C, D], L2-normalised float32."""
-    device = torch.device(device)
     weights = []
     for name in classnames:
         tokens = tokenizer([t.format(name) for t in templates]).to(device)  # [T, L]
@@ -304,42 +282,30 @@ def file_key(path, block=1 << 20):
         h.update(f.read(block))
     return f"{Path(path).stem}-{h.hexdigest()[:10]}-{size}"
 
-
 def cache_path(cache_dir, data_key, split, model_name, pretrained):
     """Feature-cache file keyed by dataset, split, model, weights (by content when a file) and format version."""
     p = file_key(pretrained) if os.path.isfile(str(pretrained)) else str(pretrained)
     return Path(cache_dir) / f"{data_key}_{split}_{model_name}_{p}_eval_v{CACHE_VERSION}.pt".replace("/", "-")
 
-
-def _write_atomic(path, write):
-    """Call write(tmp) on a temp file in path's folder, then rename it to path: never a half-written file."""
+def save_atomic(obj, path):
+    """torch.save `obj` (a str: write it as text) to a temp file in path's folder, then rename it to path: never a
+    half-written cache or results.json. -> the Path"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        Path(tmp).write_text(obj, encoding="utf-8") if isinstance(obj, str) else torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written cache."""
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_text_atomic(text, path):
-    """Write text to a temp file in the same folder, then rename (results.json, LLM replies). -> the Path"""
-    return _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def load_cached(path, keys):
-    """Load a cache file with weights_only=True; None (with a one-line warning) if missing or corrupt."""
-    path = Path(path)
-    if not path.exists():
+    """Load a cache file with weights_only=True; None if there is none (path None or missing), or, with a one-line
+    warning, if it is corrupt."""
+    if path is None or not Path(path).exists():
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -347,18 +313,16 @@ def load_cached(path, keys):
             raise ValueError("missing keys")
         return obj
     except Exception as e:
-        print(f"warning: cache {path.name} is unreadable ({type(e).__name__}); recomputing", file=sys.stderr)
+        print(f"warning: cache {Path(path).name} is unreadable ({type(e).__name__}); recomputing", file=sys.stderr)
         return None
-
 
 @torch.no_grad()
 def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache_file=None, quiet=False):
     """(image, label, index) items -> (features [N, D] float32 L2-normalised, labels [N]), cached in cache_file."""
-    if cache_file is not None:
-        hit = load_cached(cache_file, ("features", "labels"))
-        if hit is not None and len(hit["labels"]) == len(dataset):
-            print(f"feature cache hit: {Path(cache_file).name}")
-            return hit["features"], hit["labels"]
+    hit = load_cached(cache_file, ("features", "labels"))
+    if hit is not None and len(hit["labels"]) == len(dataset):
+        print(f"feature cache hit: {Path(cache_file).name}")
+        return hit["features"], hit["labels"]
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # its own generator: a cache miss draws nothing global
@@ -372,7 +336,6 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
     if cache_file is not None:
         save_atomic({"features": features, "labels": labels, "version": CACHE_VERSION}, cache_file)
     return features, labels
-
 
 def prepare(args, device, keep_test_in_pool=False):
     """Load the dataset and CLIP and encode both splits once (cached), drawing no global random numbers. -> namespace
@@ -420,13 +383,11 @@ def _assign(x, x_sq, c, chunk):
     counts = torch.bincount(assign, minlength=K)  # [K]
     return assign, dist.add_(x_sq).clamp_min_(0), sums, counts  # float32 round-off can dip just below 0
 
-
 def _dists_to(x, x_sq, ids):
     """Squared distance of every row of x to the rows ids. -> [L, N]"""
     d = torch.addmm(x_sq, x[ids], x.T, alpha=-2).add_(x_sq[ids, None]).clamp_min_(0)  # [L, N]
     d[torch.arange(len(ids), device=x.device), ids] = 0  # exactly 0 at the point itself (round-off would not be)
     return d
-
 
 def _kmeans_pp(x, x_sq, k, g, n_trials=None):
     """Greedy k-means++ (Arthur & Vassilvitskii 2007, as scikit-learn runs it): a uniform first centre, then each next
@@ -446,7 +407,6 @@ def _kmeans_pp(x, x_sq, k, g, n_trials=None):
         d2 = d_cand[best]
     return x[torch.cat(idx)]  # [K, D] (advanced indexing copies)
 
-
 def _update_centroids(x, sums, counts, dist, c, spherical):
     """Cluster means from _assign's sums and counts; empty clusters re-seeded at the points farthest from a centre."""
     new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
@@ -458,13 +418,11 @@ def _update_centroids(x, sums, counts, dist, c, spherical):
         new = torch.where(norm > 1e-12, new / norm.clamp_min(1e-12), c)  # antipodal mean: keep old centre
     return new
 
-
 def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=None, chunk=None, seed_rows=None):
-    """Lloyd's K-Means with greedy k-means++ seeding, in torch on x's device. x [N, D]; stops after n_iter updates,
-    when no assignment changes, or when the relative inertia drop is <= tol. spherical: re-normalised centroids
-    (cosine K-Means, for L2-normalised features). init [k, D]: warm start (one run, no seeding). seed_rows: seed on
-    this many random rows (default 16k; seeding reads its rows k times), then iterate on all. chunk: rows per
-    distance block. -> (centroids [k, D], assign [N], inertia_history), the best of n_init seeds."""
+    """Lloyd's K-Means with greedy k-means++ seeding, in torch on x's device. x [N, D]; stops after n_iter updates, when
+    no assignment changes, or when the relative inertia drop is <= tol. spherical: unit centroids (cosine K-Means).
+    init [k, D]: warm start (one run). seed_rows: seed on this many random rows (default 16k), then iterate on all.
+    chunk: rows per distance block. -> (centroids [k, D], assign [N], inertia_history), best of n_init seedings."""
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"kmeans: k={k} clusters needs 1 <= k <= number of points ({n})")
@@ -475,11 +433,9 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=No
     g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same seeds on a GPU as on the CPU
     best = None
     for _ in range(n_init if init is None else 1):
-        if init is not None:
-            c = init.float()  # [K, D]
-        else:
+        if init is None:  # k-means++ on m random rows
             rows = torch.randperm(n, generator=g)[:m].to(x.device) if m < n else slice(None)  # [M]
-            c = _kmeans_pp(x[rows], x_sq[rows], k, g)  # [K, D]
+        c = init.float() if init is not None else _kmeans_pp(x[rows], x_sq[rows], k, g)  # [K, D]
         if spherical:
             c = F.normalize(c, dim=1)
         assign, dist, sums, counts = _assign(x, x_sq, c, chunk)  # [N], [N], [K, D], [K]
@@ -496,21 +452,16 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=No
 
 
 # -----------------------------------------------------------------------------
-# Metrics
+# Metrics, the run's prologue and epilogue, and results.json
 
 def accuracy(pred, labels):
     """Fraction of pred equal to labels (NaN when there are none)."""
     return (pred == labels).float().mean().item() if len(labels) else float("nan")
 
-
 def per_class_accuracy(pred, labels, num_classes):
     """-> [C] accuracy per class (NaN for classes absent from `labels`)."""
     hit = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
     return hit / torch.bincount(labels, minlength=num_classes).float()
-
-
-# -----------------------------------------------------------------------------
-# The run: prologue, checks and results.json
 
 def check_folder(folder, flag):
     """Fail at start-up, in one line, if `folder` cannot hold our files: never after the work is done."""
@@ -527,7 +478,6 @@ def check_folder(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder} is not writable ({e.strerror or type(e).__name__})") from None
 
-
 def start_run(args, out_default):
     """main()'s prologue: config as one JSON line, folders checked, device, seed. -> (config, start, device, out_dir)"""
     config = vars(args).copy()
@@ -539,12 +489,10 @@ def start_run(args, out_default):
     set_seed(args.seed)
     return SimpleNamespace(config=config, start=time.time(), device=device, out_dir=out_dir)
 
-
 def check_finite(value, what):
     """Stop a diverging run with one line instead of training on NaNs. value: a float (e.g. an epoch's loss)."""
     if not math.isfinite(value):
         raise UserError(f"{what} is {value}: the run diverged; lower --lr")
-
 
 def versions():
     """Python, torch, torchvision, open_clip and CUDA versions, threads and the git commit, for results.json."""
@@ -557,7 +505,6 @@ def versions():
             "open_clip": open_clip.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "git_commit": commit}
 
-
 def strict_json(obj):
     """Tensors and numpy numbers -> Python values, NaN and ±inf -> None: results.json is strict JSON."""
     if isinstance(obj, dict):
@@ -568,7 +515,6 @@ def strict_json(obj):
         return strict_json(obj.tolist())
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
-
 def finish_run(run, metrics, summary, extra=None):
     """main()'s epilogue: results.json {config, metrics, elapsed_s, versions, **extra} (an old one kept), summary."""
     res = {"config": run.config, "metrics": metrics, "elapsed_s": round(time.time() - run.start, 2),
@@ -578,7 +524,7 @@ def finish_run(run, metrics, summary, extra=None):
         kept = path.with_name(time.strftime("results-%Y%m%d-%H%M%S.json", time.localtime(path.stat().st_mtime)))
         os.replace(path, kept)
         print(f"note: {path} existed; the earlier run's results were moved to {kept.name}")
-    write_text_atomic(json.dumps(strict_json(res), indent=2, allow_nan=False), path)
+    save_atomic(json.dumps(strict_json(res), indent=2, allow_nan=False), path)
     print(f"{summary} | {time.time() - run.start:.0f}s | {path}")
     return metrics
 
@@ -589,10 +535,10 @@ def finish_run(run, metrics, summary, extra=None):
 class LLMError(Exception):
     """The LLM server gave no usable answer (unreachable, refused, malformed); callers may fall back."""
 
-
 def _chat_once(endpoint, body, timeout, max_bytes):
-    """One POST -> (reply texts, None), or (None, why) when a retry may help (network, 429, 5xx); anything else
-    raises LLMError. No error carries the request or the key (`from None`; an echoed key is blanked)."""
+    """One POST -> (its non-empty message contents, one per choice; None), or (None, why) when a retry may help
+    (network, 429, 5xx); anything else raises LLMError. No error carries the request or the key (`from None`; an
+    echoed key is blanked)."""
     key = os.environ.get("OPENAI_API_KEY")
     try:
         with requests.post(endpoint, json=body, headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -612,18 +558,13 @@ def _chat_once(endpoint, body, timeout, max_bytes):
         raise LLMError(f"request to {endpoint} failed ({type(e).__name__})") from None
     text, status = raw.decode("utf-8", "replace"), r.status_code
     text = text.replace(key, "***") if key else text  # should a server echo it
+    snippet = repr(" ".join(text.split())[:160])
     if status == 429 or status >= 500:
         return None, f"HTTP {status}"
     if status in (401, 403):
         raise LLMError(f"HTTP {status} from {endpoint}: not authorised, check OPENAI_API_KEY")
     if "html" in r.headers.get("Content-Type", "").lower() or text.lstrip().startswith("<"):
         raise LLMError(f"{endpoint} sent an HTML page (HTTP {status}), not JSON: is it an OpenAI-compatible server?")
-    return _reply_contents(text, status, endpoint), None
-
-
-def _reply_contents(text, status, endpoint):
-    """A chat-completions reply -> its non-empty message contents, one per choice; else LLMError."""
-    snippet = repr(" ".join(text.split())[:160])
     if status != 200:
         raise LLMError(f"HTTP {status} from {endpoint}: {snippet}")
     try:
@@ -633,26 +574,12 @@ def _reply_contents(text, status, endpoint):
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices:
         raise LLMError(f"{endpoint} reply has no 'choices': {snippet}")
-    contents = [c["message"].get("content") for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)]
+    contents = [c["message"].get("content") for c in choices
+                if isinstance(c, dict) and isinstance(c.get("message"), dict)]
     contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
     if not contents:
         raise LLMError(f"{endpoint} returned {len(choices)} choice(s), all with empty content")
-    return contents
-
-
-def _read_cache(cache_file):
-    """Cached reply texts, or None (with a warning if the file exists but is unreadable)."""
-    if cache_file is None or not cache_file.exists():
-        return None
-    try:
-        contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
-        if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
-            return contents
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    print(f"warning: LLM cache {cache_file.name} is unreadable; asking again", file=sys.stderr)
-    return None
-
+    return contents, None
 
 def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
                  max_bytes=1_000_000, backoff=0.5):
@@ -662,8 +589,14 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "n": n, "temperature": temperature}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     cache_file = None if cache_dir is None else Path(cache_dir) / "llm" / f"{digest}.json"
-    if (cached := _read_cache(cache_file)) is not None:
-        return cached
+    if cache_file is not None and cache_file.exists():
+        try:
+            contents = json.loads(cache_file.read_text(encoding="utf-8"))["contents"]
+            if isinstance(contents, list) and contents and all(isinstance(c, str) for c in contents):
+                return contents
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        print(f"warning: LLM cache {cache_file.name} is unreadable; asking again", file=sys.stderr)
     base = url.rstrip("/")
     endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
     attempts = max(1, retries)
@@ -678,16 +611,13 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     else:
         raise LLMError(f"{endpoint}: {why} (after {attempts} attempts)")
     if cache_file is not None:  # temp file + rename: never a half-written cache
-        write_text_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
+        save_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
     return contents
 
-
-# CAP's class descriptions (§3.1): the request (the paper does not publish its prompt; this one is ours) and the
-# parsing of its reply. Description files are read by data.load_descriptions.
+# CAP's class descriptions (§3.1): the request (the paper publishes no prompt; this one is ours) and its parsing
 
 DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
                    "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
-
 
 def parse_descriptions(text):
     """Reply -> descriptions from a JSON array or numbered/bulleted lines (else all lines), deduped ignoring case."""
@@ -700,14 +630,12 @@ def parse_descriptions(text):
         items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
     return _dedupe(s.strip().strip("\"'").strip() for s in items)
 
-
 def _dedupe(items):
     """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
     out = {}
     for s in filter(None, items):
         out.setdefault(s.lower(), s)
     return list(out.values())
-
 
 def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
     """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class, choices merged; kw to llm_complete."""

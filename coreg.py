@@ -42,48 +42,38 @@ RANDAUG = v2.RandAugment(num_ops=1, magnitude=5)  # the strong view's extra op (
 # The demo world on a CPU: a narrow CNN and a short schedule in which λ_u still reaches full weight.
 DATASET_DEFAULTS = {"demo": dict(arch="narrow", epochs=10, warm_up=6, rampup=3, start_cont=1, batch_size=64, lr=0.05)}
 
-
 def parse_args(argv=None):
+    """The shared flags and Co-Reg's (release values: docs/coreg.md); DATASET_DEFAULTS apply unless typed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
     # annotation (step 1)
-    p.add_argument("--templates", default="small", choices=["small", "imagenet"],
-                   help="prompt set: the 27 imagenet_templates_small (paper, release strings) or the 80 ImageNet ones")
+    p.add_argument("--templates", default="small", choices=["small", "imagenet"], help="27 templates (paper) or 80")
     p.add_argument("--cand-mode", default="union", choices=["union", "topk", "ratio"],
                    help="candidate set: union of per-template top-1 (paper), top-k of the mean, or p >= 0.5 p_max")
     p.add_argument("--cand-k", type=common.positive_int, default=5, help="k for --cand-mode topk / ratio")
     # networks
-    p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"],
-                   help="PreAct-ResNet-18 (paper) or a 4-conv CNN for fast CPU runs")
-    p.add_argument("--image-size", type=common.positive_int, default=32,
-                   help="training resolution: 32 (CIFAR/SVHN/FMNIST) or 64")
+    p.add_argument("--arch", default="preact18", choices=["preact18", "narrow"], help="PreAct-ResNet-18, a 4-conv CNN")
+    p.add_argument("--image-size", type=common.positive_int, default=32, help="training resolution (32 or 64)")
     p.add_argument("--queue-size", type=common.positive_int, default=8192, help="MoCo queue length")
     # method
-    p.add_argument("--warm-up", type=common.nonneg_int, default=10,
-                   help="partial-CE warm-up epochs (DivideMix's CIFAR-10 value for 100-epoch runs; release: 50 for "
-                        "800 epochs, 100 on CIFAR-100)")
-    p.add_argument("--start-cont", type=common.nonneg_int, default=10,
-                   help="prototype and contrastive losses start this many epochs after warm-up")
+    p.add_argument("--warm-up", type=common.nonneg_int, default=10, help="partial-CE warm-up epochs (DivideMix)")
+    p.add_argument("--start-cont", type=common.nonneg_int, default=10, help="epochs after warm-up before proto/SupCon")
     p.add_argument("--p-threshold", type=common.nonneg_float, default=0.5, help="clean if GMM clean probability > this")
     p.add_argument("--T", type=common.positive_float, default=0.5, help="sharpening temperature")
     p.add_argument("--alpha", type=common.positive_float, default=4.0, help="MixUp Beta(α, α)")
     p.add_argument("--lambda-u", type=common.nonneg_float, default=1.0, help="weight of the noisy-split MSE loss λ_u")
-    p.add_argument("--rampup", type=common.positive_int, default=16,
-                   help="epochs of the linear λ_u ramp-up after warm-up (release: 16)")
-    p.add_argument("--prior", default="uniform", choices=["uniform", "clip"],
-                   help="DA target: uniform (released default, --uniform_prior 1) or CLIP's mean annotation")
+    p.add_argument("--rampup", type=common.positive_int, default=16, help="epochs of the linear λ_u ramp after warm-up")
+    p.add_argument("--prior", default="uniform", choices=["uniform", "clip"], help="DA target: uniform or CLIP's mean")
     # ablations: each switches off one component of the method (all on in the paper)
     common.add_ablation_switches(p, {"da": "distribution alignment", "mixup": "MixUp of the views",
                                      "proto": "prototype alignment loss", "supcon": "noisy SupCon loss"})
     p.add_argument("--divide", default="co", choices=["co", "self"],
                    help="co: each network trains on the other's division (paper); self: on its own")
     # optimisation
-    p.add_argument("--epochs", type=common.positive_int, default=100,
-                   help="training epochs (release README: 100 for EuroSAT/FMNIST/FER/GTSRB; it runs one more)")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (release README)")
     p.add_argument("--batch-size", type=common.positive_int, default=256, help="batch size B (warm-up: 2B)")
     p.add_argument("--lr", type=common.positive_float, default=0.01, help="SGD learning rate (momentum 0.9, wd 5e-4)")
-    p.add_argument("--cosine-epochs", type=common.positive_int, default=None,
-                   help="cosine period; default = --epochs (the released code hard-codes 800)")
+    p.add_argument("--cosine-epochs", type=common.positive_int, default=None, help="cosine period (default: --epochs)")
     return common.parse_args(p, argv, DATASET_DEFAULTS)
 
 
@@ -95,11 +85,9 @@ def template_weights(model, tokenizer, classnames, templates, device, quiet=Fals
     return torch.stack([common.zero_shot_weights(model, tokenizer, classnames, [t], device).cpu()
                         for t in common.progress(templates, "annotate", quiet)])
 
-
 def annotate(f_train, W):
     """p^j = softmax(100 · f · W_jᵀ) for every template j (100 as released). f [N, D], W [T, C, D] -> [T, N, C]."""
     return (100 * f_train @ W.transpose(1, 2)).softmax(-1)
-
 
 def candidate_sets(probs, mode="union", k=5, ratio=0.5):
     """Candidate label sets S from per-template probabilities probs [T, N, C] -> bool [N, C]."""
@@ -110,7 +98,6 @@ def candidate_sets(probs, mode="union", k=5, ratio=0.5):
     top = p.topk(min(k, C), dim=1)  # topk: its k most probable classes; ratio: those of them with p >= ratio · p_max
     keep = torch.ones_like(top.values, dtype=torch.bool) if mode == "topk" else top.values >= ratio * top.values[:, :1]
     return torch.zeros_like(p, dtype=torch.bool).scatter_(1, top.indices, keep)
-
 
 def annotation_stats(probs, S, labels):
     """Mean |S|, coverage P(y ∈ S), and the accuracy of the single noisy CLIP label (template 0)."""
@@ -133,14 +120,12 @@ def weak_augment(x, g):
     flip = torch.rand(B, generator=g) < 0.5  # [B]
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
-
 def strong_augment(x, g, chunk=16):
     """Weak view + torchvision's RandAugment(1, 5), one op per chunk of 16 images. uint8 [B, 3, H, W] -> same."""
     x = weak_augment(x, g)  # the release has its own RandomAugment(1, 5); one op per chunk is 20x faster on CPU
     with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG: seed it from g, locally
         torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
         return torch.cat([RANDAUG(c) for c in x.split(chunk)])
-
 
 def to_input(x, mean, std, device):
     """uint8 [B, 3, H, W] -> normalised float32 on device, channels-last (1.6-1.8x faster CPU convolutions)."""
@@ -161,7 +146,6 @@ class PreActBlock(nn.Module):
         skip = self.shortcut(out) if self.shortcut is not None else x
         return self.conv2(F.relu(self.bn2(self.conv1(out)), inplace=True)) + skip
 
-
 def encoder(arch):
     """-> (nn.Sequential image -> features [B, F], F). Adaptive pooling so 32- and 64-px images both work."""
     if arch == "preact18":
@@ -178,7 +162,6 @@ def encoder(arch):
             cin = cout
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), cin
 
-
 class CoRegNet(nn.Module):
     """image -> (logits [B, C], L2-normalised embedding [B, 128]); `head` is used for training only."""
     def __init__(self, arch, num_classes):
@@ -191,13 +174,11 @@ class CoRegNet(nn.Module):
         h = self.encoder(x)  # [B, F]
         return self.fc(h), F.normalize(self.head(h), dim=1)
 
-
 def build_net(arch, num_classes, seed, device):
     """A CoRegNet initialised from `seed`, channels-last on device (see to_input)."""
     with torch.random.fork_rng(devices=[]):  # nn.init uses the global RNG: seed it locally
         torch.manual_seed(seed)
         return CoRegNet(arch, num_classes).to(device, memory_format=torch.channels_last)
-
 
 @torch.no_grad()
 def ema_update(key_net, net, m=MOCO_M):
@@ -206,7 +187,6 @@ def ema_update(key_net, net, m=MOCO_M):
         pk.mul_(m).add_(pq, alpha=1 - m)
     for bk, bq in zip(key_net.buffers(), net.buffers()):
         bk.copy_(bq)
-
 
 @torch.no_grad()
 def predict(net, x, mean, std, device, bs=1024):
@@ -221,22 +201,18 @@ def mean_or_zero(v):
     """Mean over the batch, 0 (still a graph node) for an empty batch."""
     return v.mean() if v.numel() else v.sum()
 
-
 def partial_ce(logits, S, eps=PCE_EPS):
     """−log(Σ_{j∈S} p_j + ε), mean over samples whose S is not every class. logits [B, C], S bool [B, C] -> scalar"""
     loss = -((logits.softmax(1) * S).sum(1) + eps).log()  # [B]; ε (release) bounds it, damps confident mistakes
     return mean_or_zero(loss[~S.all(1)])  # an S of every class carries no information
 
-
 def neg_entropy(logits):
     """Confidence penalty: mean Σ_c p_c log p_c (added to the loss, so it pushes entropy up)."""
     return (logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
 
-
 def one_pass(idx, B, g):
     """One shuffled pass over idx in batches of B, the last one short (a shuffled DataLoader). -> list of [≤B]"""
     return list(idx[torch.randperm(len(idx), generator=g)].split(B)) if len(idx) else []
-
 
 def cycled(idx, B, n, g):
     """n batches from passes over idx, each reshuffled; n empty batches for an empty idx. -> list of [≤B]"""
@@ -244,7 +220,6 @@ def cycled(idx, B, n, g):
     while len(out) < n and len(idx):  # the release restarts the noisy loader when it runs out
         out += one_pass(idx, B, g)
     return out[:n] if len(idx) else [idx[:0]] * n
-
 
 def warmup_epoch(net, opt, pred_dist, ctx):
     """Step 2: partial CE + confidence penalty on strong views, batch 2B, every image once. -> dict(loss)"""
@@ -268,11 +243,9 @@ def distribution_alignment(p, pred_dist, prior):
     q = p * prior / pred_dist.mean(0).clamp_min(1e-12)  # the buffer of every image's latest prediction, not the batch
     return q / q.sum(1, keepdim=True)
 
-
 def maxi_cand_loss(p, S):
     """−log max_{j∈S} p_j per sample. p [N, C], S bool [N, C] -> [N]"""
     return -(p * S).max(1).values.clamp_min(1e-12).log()
-
 
 def gmm_1d(x, max_iter=10, tol=1e-2, reg_covar=5e-4):
     """EM for a 2-component 1-D GMM (sklearn semantics, DivideMix's settings). x [N] -> (p(low-mean) [N], means [2])"""
@@ -297,7 +270,6 @@ def gmm_1d(x, max_iter=10, tol=1e-2, reg_covar=5e-4):
     resp = log_joint().softmax(1)  # final E-step with the final parameters
     return resp[:, mu.argmin()].float(), mu.flatten().float()
 
-
 @torch.no_grad()
 def eval_pass(net, pred_dist, prior, ctx, da=True):
     """Eval-mode predictions on weak views, in order, in batches of B (the release's eval_train). -> p [N, C]"""
@@ -312,7 +284,6 @@ def eval_pass(net, pred_dist, prior, ctx, da=True):
         out.append(p)
     return torch.cat(out)
 
-
 def co_divide(p, S, history, p_threshold):
     """Step 3: one network's division from its DA-aligned p [N, C]. -> dict(w [N], clean bool [N], s_hat [N, C])"""
     loss = maxi_cand_loss(p, S)  # [N]
@@ -321,7 +292,6 @@ def co_divide(p, S, history, p_threshold):
     w, _ = gmm_1d(torch.stack(history).mean(0))  # [N]
     s_hat = p * S  # p restricted to S and renormalised: the *other* network's co-refinement target
     return {"w": w, "clean": w > p_threshold, "s_hat": s_hat / s_hat.sum(1, keepdim=True).clamp_min(1e-12)}
-
 
 def divide(st, prior, ctx, args):
     """Re-copy the key encoder (release: every epoch), then eval pass + co-divide. st: dict(net, key, pred_dist, ...)"""
@@ -337,11 +307,9 @@ def sharpen(p, T):
     p = p ** (1 / T)
     return p / p.sum(1, keepdim=True)
 
-
 def co_refine(s_hat, w, p_own, T):
     """Clean split: sharpen(w · ŝ + (1 − w) · p_own). s_hat [B, C] (other net), w [B], p_own [B, C]."""
     return sharpen(w[:, None] * s_hat + (1 - w[:, None]) * p_own, T)
-
 
 def mixup(x, t, alpha, g):
     """MixUp with λ ~ Beta(α, α), partners from a permutation. x [B, ...], t [B, C] -> (mixed x, mixed t, λ, perm)"""
@@ -350,16 +318,13 @@ def mixup(x, t, alpha, g):
     perm = torch.randperm(len(x), generator=g).to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm], lam, perm
 
-
 def lambda_u_ramp(progress, warm_up, lambda_u, length=16):
     """DivideMix's ramp λ_u · clip((progress − warm_up) / length, 0, 1), progress = epoch + it / ramp_steps."""
     return lambda_u * min(max((progress - warm_up) / length, 0.0), 1.0)
 
-
 def ramp_steps(n_clean, B):
     """The ramp's iterations per epoch as released, ⌊n_clean / B⌋ + 1: one more than it runs when B divides n_clean."""
     return n_clean // B + 1
-
 
 def semi_loss(logits_x, t_x, logits_u, t_u):
     """DivideMix's SemiLoss: soft CE on the clean part, MSE of probabilities (mean over B·C) on the noisy part."""
@@ -375,7 +340,6 @@ def update_prototypes(protos, emb, labels, m=MOCO_M):
     for e, c in zip(emb, labels.tolist()):
         protos[c] = m * protos[c] + (1 - m) * e
     protos.copy_(F.normalize(protos, dim=1))  # once per batch, as released; rows never updated stay zero
-
 
 def proto_loss(emb, protos, t_a, t_b, lam, n_x, lambda_u):
     """λ·L(t_a) + (1 − λ)·L(t_b), L = KL on the n_x clean rows + λ_u · MSE on the rest. emb [B, 128] -> scalar"""
@@ -402,13 +366,11 @@ def supcon_mask(labels, clean, labels_queue, clean_queue):
     pos = ((same & both_clean) | own) & ~self_
     return pos, (~same | both_clean | own) & ~self_  # same label with one of the two noisy: ignored
 
-
 def supcon_loss(q, contrast, pos, valid, tau=TAU_CONT):
     """−mean over positives of log softmax over valid contrasts. q [B, D], contrast [K, D] -> scalar."""
     logits = (q @ contrast.T / tau).masked_fill(~valid, float("-inf"))  # [B, K]
     log_prob = logits - logits.logsumexp(1, keepdim=True)
     return (-(log_prob.masked_fill(~pos, 0).sum(1)) / pos.sum(1)).mean()
-
 
 def contrastive_step(st, s1, s2, labels, clean, on):
     """MoCo step of every co-training iteration (release); noisy SupCon of q vs [q, k, queue] if `on`. -> scalar"""
@@ -424,13 +386,11 @@ def contrastive_step(st, s1, s2, labels, clean, on):
     enqueue(queue, k, labels, clean)
     return loss
 
-
 def new_queue(size, num_classes, g, device):
     """Ring buffer of random unit embeddings [Q, 128], labels and clean flags [Q], read in full from step 1."""
     return {"emb": F.normalize(torch.randn(size, EMB_DIM, generator=g), dim=1).to(device), "ptr": 0,
             "labels": torch.randint(num_classes, (size,), generator=g).to(device),
             "clean": (torch.rand(size, generator=g) < 0.5).to(device)}
-
 
 def enqueue(queue, k, labels, clean):
     """Write a batch of keys at the pointer, overwriting the oldest entries (ring buffer)."""
@@ -452,7 +412,6 @@ def co_targets(net, other, x_views, u_views, s_hat, w, T):
     (l1, e1), (l2, _) = net(x_views[0]), net(x_views[1])
     t_x = co_refine(s_hat, w, (l1.softmax(1) + l2.softmax(1)) / 2, T)  # [n_x, C]
     return t_x, t_u if t_u is not None else t_x[:0], e1
-
 
 def train_step(st, other, div, bx, bu, ctx, args, sched):
     """One co-training iteration on clean bx and noisy bu (pool indices); sched = (λ_u, cont_on). -> loss parts"""
@@ -483,7 +442,6 @@ def train_step(st, other, div, bx, bu, ctx, args, sched):
     return {"loss": loss.item(), "x": loss_x.item(), "u": lam_u * loss_u.item(), "proto": loss_p.item(),
             "cont": loss_c.item()}
 
-
 def train_epoch(st, other, div, ctx, args, epoch):
     """One pass over the clean split of div, the noisy one cycled alongside (none if none is clean). -> mean losses"""
     st["net"].train(), st["key"].train(), other.eval()
@@ -509,7 +467,6 @@ def build_states(args, C, N, g, device):
              "queue": new_queue(args.queue_size, C, g, device), "loss_history": [],
              "pred_dist": torch.full((N, C), 1.0 / C)} for net in nets]  # DA buffer: each image's latest prediction
 
-
 def run_epoch(states, ctx, args, epoch, prior):
     """Step 2 (warm-up) or steps 3-7 (co-divide, then each network on the other's division). -> (losses, clean)"""
     for st in states:
@@ -522,7 +479,6 @@ def run_epoch(states, ctx, args, epoch, prior):
                           epoch) for k in range(2)]
     return losses, sum(dv["clean"].float().mean().item() for dv in divs) / 2
 
-
 def log_epoch(epoch, args, losses, clean, accs, ctx, y_train, t0):
     """One fixed-format line per epoch. -> the history row"""
     row = {k: sum(l.get(k, 0.0) for l in losses) / 2 for k in ("loss", "x", "u", "proto", "cont", "lambda_u")}
@@ -533,7 +489,6 @@ def log_epoch(epoch, args, losses, clean, accs, ctx, y_train, t0):
           f"proto {row['proto']:.3f}, cont {row['cont']:.3f}) | clean {'-' if clean is None else f'{clean:.2f}'} | "
           f"pl-acc {100 * row['pl_acc']:.1f} | acc {100 * accs[2]:.1f} | {row['time_s']:.1f}s", flush=True)
     return row
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -547,10 +502,9 @@ def main(argv=None):
     S = candidate_sets(probs, args.cand_mode, k=args.cand_k)  # [N, C]
     ann = annotation_stats(probs, S, d.y_train)
     ann["zeroshot_test_acc"] = common.accuracy((d.f_test @ F.normalize(W.mean(0), dim=-1).T).argmax(1), d.y_test)
-    prompt_set = common.PROMPT_SET_NAMES[args.templates]
     print(f"annotation | {len(templates)} templates | mean |S| {ann['cand_size']:.2f} | coverage "
           f"{100 * ann['cand_coverage']:.1f} | noisy-label acc {100 * ann['noisy_label_acc']:.1f} (template 0) | "
-          f"zero-shot test acc {100 * ann['zeroshot_test_acc']:.1f} ({prompt_set})")
+          f"zero-shot test acc {100 * ann['zeroshot_test_acc']:.1f} ({common.PROMPT_SET_NAMES[args.templates]})")
     x_train = data.decode_images(d.train, d.y_train, args.image_size, args.workers)  # [N, 3, H, W] uint8, augmented
     x_test = data.decode_images(d.test, d.y_test, args.image_size, args.workers)
     mean = (x_train.float() / 255).mean((0, 2, 3)).view(1, 3, 1, 1).to(run.device)  # pool statistics
@@ -576,16 +530,14 @@ def main(argv=None):
     common.save_atomic({"candidate_sets": S, "noisy_label": probs[0].argmax(1), "pseudolabels": ctx.pl,
                         "classnames": d.classnames}, run.out_dir / "pseudolabels.pt")
     per_class = common.per_class_accuracy((logits[0] + logits[1]).argmax(1), d.y_test, C)  # [C]
-    return common.finish_run(run, metrics, summary(metrics, prompt_set), extra={
+    return common.finish_run(run, metrics, summary(metrics, common.PROMPT_SET_NAMES[args.templates]), extra={
         "clip": {"model": args.clip_model, "pretrained": d.pretrained}, "split": d.split_info, "history": history,
         "per_class_test_acc": dict(zip(d.classnames, per_class.tolist()))})
-
 
 def param_counts(states, clip_model):
     """Deployed parameters (both networks without their projection heads) beside CLIP's image encoder."""
     deployed = sum(p.numel() for st in states for n, p in st["net"].named_parameters() if not n.startswith("head"))
     return {"params_deployed": deployed, "params_clip_image": sum(p.numel() for p in clip_model.visual.parameters())}
-
 
 def summary(m, prompt_set):
     return (f"co-reg | test acc {100 * m['test_acc']:.2f} (net1 {100 * m['test_acc_net1']:.2f}, net2 "

@@ -27,7 +27,6 @@ from torchvision.transforms import v2
 import common  # UserError (common imports this module too: names are looked up at call time)
 import demo  # the offline demo world; it imports nothing of ours
 
-
 # `samples` is anything indexable giving a PIL image or an image path.
 
 class ImageList(Dataset):
@@ -51,11 +50,9 @@ class ImageList(Dataset):
             img = img.convert("RGB")
         return self.transform(img), int(self.labels[i]), i
 
-
 def subset(samples, labels, idx, transform):
     """An ImageList over the images `idx` of `samples` with the given (pseudo)labels."""
     return ImageList([samples[i] for i in idx.tolist()], labels, transform)
-
 
 def forever(dataset, batch_size, seed, workers=0):
     """Endless shuffled batches from a seeded sampler (no `iterator.next()` tricks)."""
@@ -64,7 +61,6 @@ def forever(dataset, batch_size, seed, workers=0):
                         drop_last=True, num_workers=workers)
     while True:
         yield from loader
-
 
 EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP, in torchvision folder order
     "annual crop land", "forest", "brushland or shrubland", "highway or road",
@@ -81,26 +77,23 @@ RESISC45_CLASSNAMES = [
     "roundabout", "runway", "sea ice", "ship", "snowberg", "sparse residential", "stadium",
     "storage tank", "tennis court", "terrace", "thermal power station", "wetland"]
 
-
 def seeded_split(n, test_frac, seed):
     """Deterministic train/test index split for datasets that ship without one. -> (train_idx, test_idx)"""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = int(round(n * test_frac))
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
-
 def decode_images(samples, labels, size, workers=0):
     """Decode every image once, Resize + CenterCrop to `size`. -> uint8 [N, 3, size, size]"""
     tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
-    loader = DataLoader(ImageList(samples, labels, tf), batch_size=512, num_workers=workers, generator=torch.Generator())
+    loader = DataLoader(ImageList(samples, labels, tf), batch_size=512, num_workers=workers,
+                        generator=torch.Generator())
     return torch.cat([x for x, _, _ in loader])
-
 
 def _require(path, what, flag="--data-dir"):
     if not Path(path).exists():
         raise common.UserError(f"{what} not found at {path}; pass {flag} pointing at it "
                                f"(or --download where supported)")
-
 
 def _torchvision(cls, root, download, **kw):
     """Build a torchvision dataset; 'not found' (or a failed download) becomes a one-line UserError, and what
@@ -122,7 +115,6 @@ def _torchvision(cls, root, download, **kw):
                                f"point --data-dir at its parent folder, or add --download; offline, try --data demo"
                                ) from None
 
-
 def _tv_pair(cls, root, download, names, train_kw, test_kw):
     """(samples, labels) for a torchvision dataset with several official parts per split."""
     out = []
@@ -135,27 +127,22 @@ def _tv_pair(cls, root, download, names, train_kw, test_kw):
         out.append((samples, torch.tensor(labels)))
     return out, names or ds.classes
 
-
 def _load_dtd(root, download):
     parts, names = _tv_pair(__import__("torchvision").datasets.DTD, root, download, None,
                             [dict(split="train"), dict(split="val")], [dict(split="test")])
     return parts, [n.replace("_", " ") for n in names]
 
-
 FLOWERS_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia",
                    "ball moss": "air plant"}  # torchvision's three odd names, as CLIP/CoOp/FPL/CAP spell them
-
 
 def _load_flowers(root, download):
     from torchvision.datasets import Flowers102
     names = [FLOWERS_RENAMES.get(n, n) for n in Flowers102.classes]
     return _tv_pair(Flowers102, root, download, names, [dict(split="train"), dict(split="val")], [dict(split="test")])
 
-
 def _load_aircraft(root, download):
     from torchvision.datasets import FGVCAircraft
     return _tv_pair(FGVCAircraft, root, download, None, [dict(split="trainval")], [dict(split="test")])
-
 
 def _folder_samples(root):
     """(paths, labels, classnames) of an ImageFolder-style tree root/<class>/<image>."""
@@ -175,7 +162,6 @@ def _folder_samples(root):
                                f"expected root/<class>/<image>")
     return paths, torch.tensor(labels), classes
 
-
 def _split_folder(root, seed=0):
     """root/{train,test}/<class>/... if present, otherwise a seeded 80/20 split of root/<class>/..."""
     root = Path(root)
@@ -187,7 +173,6 @@ def _split_folder(root, seed=0):
     tr, te = seeded_split(len(paths), 0.2, seed)
     return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
 
-
 def _load_eurosat(root, download):
     from torchvision.datasets import EuroSAT
     ds = _torchvision(EuroSAT, root, download)
@@ -196,13 +181,11 @@ def _load_eurosat(root, download):
     names = EUROSAT_CLASSNAMES if ds.classes[0] == "AnnualCrop" else ds.classes
     return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
 
-
 def _load_resisc45(root, download):
     base = Path(root) / "NWPU-RESISC45"
     _require(base, "RESISC45 (root/NWPU-RESISC45/<class>/<image>.jpg, or the data bundle's root/RESICS45/train.json)")
     parts, _ = _split_folder(base)
     return parts, RESISC45_CLASSNAMES
-
 
 def _load_cub(root, download):
     """CUB-200-2011 as it unpacks: <root>/CUB_200_2011/{classes.txt, images.txt, train_test_split.txt, images/}."""
@@ -212,7 +195,6 @@ def _load_cub(root, download):
              "root/CUB/CUB_200_2011/)")
     pool, test, names = _cub_rows(base / "CUB_200_2011")
     return _rows_to_parts(base, pool, test), names
-
 
 def _load_small_tv(name):
     """Co-Reg's small-image datasets, each with its official train/test split."""
@@ -236,13 +218,11 @@ def _load_small_tv(name):
         return parts, list(names)
     return load
 
-
 SMALL_CLASSNAMES = {
     "svhn": [str(i) for i in range(10)],
     "fer2013": ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"],
     "gtsrb": [f"traffic sign {i}" for i in range(43)],  # torchvision ships no GTSRB names
 }
-
 
 def _load_synthetic(root, download):
     """4 classes of coloured noise, 64 train / 32 test 32-px images, fixed generation seed. For tests."""
@@ -266,7 +246,6 @@ def _digest(rows):
     text = "\n".join(f"{r} {int(y)}" for r, y in rows)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
-
 def _sample_rows(samples, labels, root):
     """One split -> [(token, label)] to fingerprint: image paths relative to `root` (POSIX), each image's pixel
     sha1 for in-memory PIL images, or the labels alone for a dataset object (reading every image takes minutes)."""
@@ -278,14 +257,12 @@ def _sample_rows(samples, labels, root):
         return [(hashlib.sha1(im.tobytes()).hexdigest()[:12], y) for im, y in zip(samples, labels)]
     return [("", y) for y in labels]
 
-
 def _info(layout, root, parts, **extra):
     """parts [(train samples, labels), (test samples, labels)] -> {layout, n_train, n_test, train_hash, test_hash}."""
     (train, y_train), (test, y_test) = parts
     return dict(layout=layout, n_train=len(y_train), n_test=len(y_test),
                 train_hash=_digest(_sample_rows(train, y_train, root)),
                 test_hash=_digest(_sample_rows(test, y_test, root)), **extra)
-
 
 def _plain(loader, layout):
     """A DATASETS loader from one that knows a single layout: its (parts, classnames) plus their info."""
@@ -305,7 +282,6 @@ def _rows_to_parts(base, *splits):
     return [([str(base / r) for r, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long))
             for rows in splits]
 
-
 def _bundle_result(base, pool, test, names, **extra):
     """The pool's and the test set's rows [(path relative to base, label)] -> (parts, classnames, info)."""
     for what, rows in (("train pool", pool), ("test set", test)):
@@ -318,18 +294,15 @@ def _bundle_result(base, pool, test, names, **extra):
                 test_hash=_digest(test), **extra)
     return _rows_to_parts(base, pool, test), list(names), info
 
-
 def _read_lines(path):
     """-> [(line number, stripped text)] of a text file's non-blank lines; a missing file is one line."""
     if not path.is_file():
         raise common.UserError(f"{path} not found; the data bundle's {path.parent.name}/ folder should hold it")
     return [(i, t.strip()) for i, t in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if t.strip()]
 
-
 def _class_names(path):
     """class_names.txt / labels.txt: one name a line, in label order, used as written (already CLIP-style)."""
     return [t for _, t in _read_lines(path)]
-
 
 def _list_rows(path, n_classes=None):
     """An ELEVATER list file, lines "<zip>@<image path> <label>" (or "<image path> <label>").
@@ -349,7 +322,6 @@ def _list_rows(path, n_classes=None):
         rows.append((i, rel, label))
     return rows
 
-
 def _bundle_indexed(base, as_released=False):
     """DTD/ and Flowers102/ (the release reads both alike): class_names.txt; train.txt + val.txt are the pool,
     test.txt the test set; a line's image is <base>/<split>/<path after '@'>, its label the line's index."""
@@ -357,7 +329,6 @@ def _bundle_indexed(base, as_released=False):
     rows = {split: [(f"{split}/{rel}", y) for _, rel, y in _list_rows(base / f"{split}.txt", len(names))]
             for split in ("train", "val", "test")}
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
-
 
 def _bundle_aircraft(base, as_released=False):
     """FGVCAircraft/: labels.txt (the 100 variants, '/' written '-', in the bundle's order, not torchvision's);
@@ -375,7 +346,6 @@ def _bundle_aircraft(base, as_released=False):
                                        f"name in {base / 'labels.txt'}")
             rows[split].append((f"{split}/{rel}", index[folder]))
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
-
 
 def _bundle_eurosat(base, as_released=False):
     """EuroSAT/: class_names.txt (CLIP-style names), one image folder per class, test.txt. As the release: the
@@ -408,7 +378,6 @@ def _bundle_eurosat(base, as_released=False):
     return _bundle_result(base, pool, test, names, n_test_dropped_from_pool=0 if as_released else overlap,
                           n_test_in_pool=overlap if as_released else 0)
 
-
 def _json_images(path):
     """A COCO-style RESICS45 split file -> (the parsed object, [(index in "images", file_name after '@')])."""
     if not path.is_file():
@@ -428,7 +397,6 @@ def _json_images(path):
                                    f"got {str(d)[:80]!r}")
         out.append((k, name.split("@")[-1]))
     return meta, out
-
 
 def _bundle_resisc45(base, as_released=False):
     """RESICS45/ (the release's spelling): train.json + val.json are the pool, test.json the test set. As the
@@ -452,7 +420,6 @@ def _bundle_resisc45(base, as_released=False):
             rows[split].append((f"{'_'.join(img.split('_')[:-1])}/{img}", index[cls]))
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
 
-
 def _cub_fields(path, what):
     """CUB's "<image or class id> <value>" files -> [(line number, value)]."""
     rows = _read_lines(path)
@@ -460,7 +427,6 @@ def _cub_fields(path, what):
         if len(t.split()) < 2:
             raise common.UserError(f"{path}, line {i}: expected '<id> <{what}>', got {t[:80]!r}")
     return [(i, t.split()[-1]) for i, t in rows]
-
 
 def _cub_rows(cub):
     """CUB_200_2011/'s official files, read as the release reads them. The class names are classes.txt's
@@ -483,12 +449,10 @@ def _cub_rows(cub):
         (pool if int(flag) else test).append((f"{cub.name}/images/{f}", index[clean(f.split("/")[0])]))
     return pool, test, names
 
-
 def _bundle_cub(base, as_released=False):
     """CUB/ holds the official CUB_200_2011/ (see _cub_rows)."""
     pool, test, names = _cub_rows(base / "CUB_200_2011")
     return _bundle_result(base, pool, test, names)
-
 
 BUNDLE = {  # --data name -> (the bundle's folder, the file that marks it as the bundle's, its reader)
     "dtd": ("DTD", "class_names.txt", _bundle_indexed),
@@ -498,7 +462,6 @@ BUNDLE = {  # --data name -> (the bundle's folder, the file that marks it as the
     "resisc45": ("RESICS45", "train.json", _bundle_resisc45),
     "cub": ("CUB", "CUB_200_2011/images.txt", _bundle_cub),
 }
-
 
 def _bundle_or(name, fallback, layout="torchvision"):
     """A DATASETS loader: the bundle's <root>/<folder>/ when its marker file is there, else `fallback`'s layout."""
@@ -525,7 +488,6 @@ def _imagenet_wnids():
         raise common.UserError(f"timm's ImageNet-1k wnid list is not the 1,000 sorted ids (got {len(wnids)})")
     return wnids
 
-
 def _load_imagenet(root, download, as_released=False):
     """<root>/imagenet/{train,val}/<wnid>/<image> (or <root>/{train,val}/...), val/ sorted into wnid folders as
     torchvision's ImageNet or the usual valprep script leave it. The classes are train/'s wnid folders, sorted
@@ -548,7 +510,6 @@ def _load_imagenet(root, download, as_released=False):
     parts = [(p_train, y_train), (p_test, y_test)]
     return parts, [name_of[w] for w in wnids], _info("folder", base, parts)
 
-
 DATASETS = {  # name -> loader(root, download, as_released=False)
     #   -> ([(train_samples, labels), (test_samples, labels)], classnames, info)
     "dtd": _bundle_or("dtd", _load_dtd), "eurosat": _bundle_or("eurosat", _load_eurosat),
@@ -562,7 +523,6 @@ DATASETS = {  # name -> loader(root, download, as_released=False)
     "demo": _plain(lambda root, download: demo.load_demo_dataset(), "generated"),
 }
 
-
 # Which CLIP a dataset uses when --clip-model / --pretrained are not given (default: ViT-B-32 with OpenAI's
 # weights): the demo world has its own tiny CLIP, whose weights ship in assets/ (demo.clip_weights).
 CLIP_DEFAULTS = {"demo": {"clip_model": "tiny-demo", "pretrained": "demo"}}
@@ -570,11 +530,9 @@ CLIP_DEFAULTS = {"demo": {"clip_model": "tiny-demo", "pretrained": "demo"}}
 DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image", "flowers102": "flower",
            "fgvc_aircraft": "aircraft", "cub": "bird", "imagenet": "object", "demo": "synthetic pattern image"}
 
-
 def shipped_descriptions(name):
     """Class descriptions a dataset ships, used when no LLM answers (CAP §3.1): the demo world's own, else None."""
     return demo.DESCRIPTIONS if name == "demo" else None
-
 
 def load_descriptions(path):
     """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
@@ -593,9 +551,7 @@ def load_descriptions(path):
         out[name] = [s.strip() for s in v if s.strip()]
     return out
 
-
 PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
-
 
 def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
     """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
@@ -618,7 +574,6 @@ def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
               f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
               f"(docs/usage.md)", file=sys.stderr)
     return out
-
 
 def load_dataset(name, data_dir="data", download=False, as_released=False):
     """-> (train_samples, train_labels [N], test_samples, test_labels [M], classnames, info).
@@ -646,7 +601,6 @@ def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
         idx.append(rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False))
     return torch.as_tensor(np.concatenate(idx))
 
-
 def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
     """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
     if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
@@ -655,7 +609,6 @@ def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
     seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
     unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
     return seen, unseen
-
 
 def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
     """-> (labeled idx, unlabeled idx, pseudolabeled classes, seen classes) for UL, SSL or TRZSL."""
@@ -669,11 +622,9 @@ def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
     is_seen = torch.isin(labels, seen)
     return all_idx[is_seen], all_idx[~is_seen], unseen, seen
 
-
 def harmonic_mean(a, b):
     """2ab / (a + b), 0 when both are 0 (TRZSL's seen/unseen summary)."""
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
 
 def setting_metrics(pred, labels, seen):
     """Test accuracy, plus seen / unseen accuracy and their harmonic mean in TRZSL (§1.2; `seen` empty otherwise)."""

@@ -179,18 +179,15 @@ DESCRIPTIONS = {  # the demo's shipped "LLM" answers: per class one caption-like
 
 YY, XX = np.mgrid[0:32, 0:32] + 0.5  # pixel centres, [32, 32] each
 
-
 def _rotated(rng):
     """Pixel coordinates (u, v) in a frame rotated by a random angle. -> two [32, 32] arrays."""
     t = rng.uniform(0, np.pi)
     return XX * np.cos(t) + YY * np.sin(t), -XX * np.sin(t) + YY * np.cos(t)
 
-
 def _periodic_band(x, period, width, rng):
     """Anti-aliased bands of `width` px repeating every `period` px along coordinate x."""
     d = np.abs((x / period + rng.rand()) % 1 - 0.5) * period  # distance to the nearest band centre
     return np.clip(width / 2 - d + 0.5, 0, 1)
-
 
 def draw_mask(c, s, rng):
     """Mask of class index c at scale s in [0, 1] (0 = small, 1 = large). -> [32, 32] float in [0, 1]."""
@@ -232,7 +229,6 @@ def draw_mask(c, s, rng):
     smooth = np.asarray(coarse.resize((32, 32), Image.BILINEAR))
     return np.clip((smooth - 0.5) * rng.uniform(6, 12) + 0.5, 0, 1)
 
-
 def draw_image(c, rng):
     """One image of class c with random colours, scale, polarity and noise. -> (uint8 [32, 32, 3], attributes)."""
     s, dark, noisy = rng.rand(), rng.rand() < 0.5, rng.rand() < NOISY_RATE
@@ -242,7 +238,6 @@ def draw_image(c, rng):
     img = bg * (1 - m) + fg * m + rng.normal(0, rng.uniform(15, 40) if noisy else 3, (32, 32, 3))
     return np.clip(img, 0, 255).astype(np.uint8), dict(noisy=noisy, tiny=s < TINY_SCALE, large=s > LARGE_SCALE,
                                                         hard=noisy or s < TINY_SCALE)
-
 
 def make_caption(c, attrs, rng):
     """A varied caption for an image of class c: phrasing, noun, and sometimes a property word.
@@ -270,7 +265,6 @@ def make_caption(c, attrs, rng):
     template = CAPTION_TEMPLATES[rng.randint(len(CAPTION_TEMPLATES))]
     return template.format(" ".join(adjective + [noun]))
 
-
 def generate(split, captions_per_image=0):
     """All images of one split, class by class.
     -> (uint8 [N, 32, 32, 3], labels [N], captions [N][K], hard bool [N]: pixel-noisy or tiny)."""
@@ -284,7 +278,6 @@ def generate(split, captions_per_image=0):
             hard.append(attrs["hard"])
             captions.append([make_caption(c, attrs, rng) for _ in range(captions_per_image)])
     return np.stack(images), torch.tensor(labels), captions, torch.tensor(hard)
-
 
 def pretraining_pairs(captions_per_image, n_blank=500):
     """Captioned pre-training images plus `n_blank` pattern-free solid-colour ones.
@@ -309,7 +302,6 @@ def pretraining_pairs(captions_per_image, n_blank=500):
                                for _ in range(captions_per_image)])
     return np.concatenate([images, np.clip(blank, 0, 255).astype(np.uint8)]), captions + blank_captions
 
-
 def load_demo_dataset():
     """The demo's labelled splits, as data.py's loaders give them.
     -> ([(train PIL images, labels), (test PIL images, labels)], classnames)"""
@@ -329,13 +321,11 @@ def to_clip_tensor(images):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     return (x - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[:, None, None]
 
-
 def clip_loss(image_features, text_features, logit_scale):
     """Symmetric cross-entropy over the B x B image-text similarities; pair i is the positive of row i."""
     logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
     target = torch.arange(len(logits))  # [B]
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
 
 def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, progress=iter):
     """Train every parameter of a randomly initialised 'tiny-demo' CLIP on pre-training pairs, in place.
@@ -372,7 +362,6 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, capti
         torch.set_num_threads(threads)
     return model.eval()
 
-
 def register_tiny_clips():
     """Register 'tiny' (tests) and 'tiny-demo' (this world) with open_clip, in-process: no download."""
     for name, cfg in {"tiny": TINY_CLIP, "tiny-demo": CLIP_CONFIG}.items():
@@ -387,14 +376,12 @@ def register_tiny_clips():
 
 WEIGHTS = Path(__file__).resolve().parent / "assets" / f"demo_clip_v{VERSION}.pt"
 
-
 def _readable(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return isinstance(state, dict) and "logit_scale" in state
     except Exception:
         return False
-
 
 def clip_weights(cache_dir, quiet=False):
     """--pretrained demo -> a weights file: the shipped assets/demo_clip_v<VERSION>.pt, else one pre-trained

@@ -20,7 +20,6 @@ import torch
 import common
 import data
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(p)
@@ -28,11 +27,9 @@ def parse_args(argv=None):
                    help="prompt set: 'a photo of a {}.' (FPL/CAP), Co-Reg's 27 templates or the 80 ImageNet ones")
     return common.parse_args(p, argv, {})
 
-
 def prediction_counts(pred, num_classes):
     """How many pool images zero-shot assigns to each class. -> [C]"""
     return torch.bincount(pred, minlength=num_classes)
-
 
 def main(argv=None):
     args = parse_args(argv)

@@ -4,6 +4,7 @@ one-line errors on bad input, prompt templates and metrics. CPU only, offline.
 Run: python -m pytest -q tests/test_common.py
 """
 import json
+import logging
 import math
 import os
 import subprocess
@@ -312,6 +313,16 @@ def test_weights_trained_with_quickgelu_run_with_quickgelu(tiny_tags, recwarn):
     assert activations(common.load_clip("tiny", "qg")[0]) == {"QuickGELU"}
     assert activations(common.load_clip("tiny", "plain")[0]) == {"GELU"}
     assert not [w for w in recwarn if "QuickGELU" in str(w.message)]
+
+
+def test_loading_weights_offline_leaves_the_root_loggers_level_as_it_was(tiny_tags, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(common, "_hub_reachable", lambda *a, **k: False)  # the offline path quiets the loggers
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    common.load_clip("tiny", "qg")
+    assert root.level == logging.WARNING
 
 
 def test_openai_torchscript_file_runs_with_quickgelu(tmp_path):
