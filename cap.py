@@ -137,9 +137,9 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
         i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
         # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
         # (log-softmax ranks as its softmax does, without ties where P rounds to 1); cluster j* first, ≤ avg_size
-        conf, pred = (scale * f @ text_features[classes].T).log_softmax(1).max(1)  # [n], [n]
-        ranked = (pred == i).nonzero().flatten()  # [m]
-        ranked = ranked[conf[ranked].argsort(descending=True, stable=True)]
+        z = scale * f @ text_features[classes].T  # [n, R] zero-shot logits
+        ranked = (z.argmax(1) == i).nonzero().flatten()  # [m]
+        ranked = ranked[z[ranked].log_softmax(1)[:, i].argsort(descending=True, stable=True)]
         in_j = assign[ranked] == j  # [m]
         used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
         used[torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]] = True
@@ -199,8 +199,8 @@ def initial_pseudolabels(probs, classes, K):
     """High-precision D_PL (§4.2): per class, the K most confident images predicted as that class,
     filled from the highest-probability remaining images if fewer are predicted. -> {class: idx [≤K]}"""
     pred = classes[probs[:, classes].argmax(1)]  # [N] restricted to the pseudolabeled classes
-    score = lambda c: probs[:, c] + (pred == c).float()  # noqa: E731  predicted-as-c first, then by probability
-    return {c: score(c).topk(min(K, len(probs))).indices for c in classes.tolist()}
+    return {c: (probs[:, c] + (pred == c).float()).topk(min(K, len(probs))).indices  # predicted as c first
+            for c in classes.tolist()}
 
 def streaming_leaderboard(probs, classes, K):
     """Initial D_PL as released (FPL's leaderboard). Images arrive in pool order and join the board of their
@@ -466,7 +466,7 @@ def concept_alignment(args, d, U, pseudo_classes, probs, W_pl, rel, device):
     f_u, names = d.f_train[U], d.classnames
     initial = streaming_leaderboard if rel.leaderboard else initial_pseudolabels
     dpl = {c: U[i] for c, i in initial(probs[U], pseudo_classes, args.n_main).items()}  # pool indices
-    by_name = lambda dpl: {names[c]: v.tolist() for c, v in dpl.items()}  # noqa: E731
+    by_name = lambda dpl: {names[c]: v.tolist() for c, v in dpl.items()}  # {class name: pool indices}
     report = {"initial_dpl": by_name(dpl), "dpl_acc_before_alignment": dpl_accuracy(dpl, d.y_train),
               "mismatched_classes": [], "descriptions_source": "off", "chosen_descriptions": {}}
     if args.alignment:

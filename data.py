@@ -15,12 +15,16 @@ they used the same split.
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets as D
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
+from timm.data import ImageNetInfo  # a dependency of open_clip: the ImageNet-1k wnid list
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
@@ -104,7 +108,6 @@ def _torchvision(cls, root, download, **kw):
         return cls(root=str(root), download=download, **kw)
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as e:
         if download:  # offline or interrupted: undo what the attempt created
-            import shutil
             for p in (set(root.iterdir()) - before if before is not None else [root]):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             raise common.UserError(f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
@@ -128,7 +131,7 @@ def _tv_pair(cls, root, download, names, train_kw, test_kw):
     return out, names or ds.classes
 
 def _load_dtd(root, download):
-    parts, names = _tv_pair(__import__("torchvision").datasets.DTD, root, download, None,
+    parts, names = _tv_pair(D.DTD, root, download, None,
                             [dict(split="train"), dict(split="val")], [dict(split="test")])
     return parts, [n.replace("_", " ") for n in names]
 
@@ -136,13 +139,11 @@ FLOWERS_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink 
                    "ball moss": "air plant"}  # torchvision's three odd names, as CLIP/CoOp/FPL/CAP spell them
 
 def _load_flowers(root, download):
-    from torchvision.datasets import Flowers102
-    names = [FLOWERS_RENAMES.get(n, n) for n in Flowers102.classes]
-    return _tv_pair(Flowers102, root, download, names, [dict(split="train"), dict(split="val")], [dict(split="test")])
+    names = [FLOWERS_RENAMES.get(n, n) for n in D.Flowers102.classes]
+    return _tv_pair(D.Flowers102, root, download, names, [dict(split="train"), dict(split="val")], [dict(split="test")])
 
 def _load_aircraft(root, download):
-    from torchvision.datasets import FGVCAircraft
-    return _tv_pair(FGVCAircraft, root, download, None, [dict(split="trainval")], [dict(split="test")])
+    return _tv_pair(D.FGVCAircraft, root, download, None, [dict(split="trainval")], [dict(split="test")])
 
 def _folder_samples(root):
     """(paths, labels, classnames) of an ImageFolder-style tree root/<class>/<image>."""
@@ -174,8 +175,7 @@ def _split_folder(root, seed=0):
     return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
 
 def _load_eurosat(root, download):
-    from torchvision.datasets import EuroSAT
-    ds = _torchvision(EuroSAT, root, download)
+    ds = _torchvision(D.EuroSAT, root, download)
     paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
     tr, te = seeded_split(len(paths), 0.2, seed=0)  # Co-Reg: random 80/20 (seeded here, unseeded there)
     names = EUROSAT_CLASSNAMES if ds.classes[0] == "AnnualCrop" else ds.classes
@@ -199,7 +199,6 @@ def _load_cub(root, download):
 def _load_small_tv(name):
     """Co-Reg's small-image datasets, each with its official train/test split."""
     def load(root, download):
-        import torchvision.datasets as D
         cls, kw_tr, kw_te = {
             "cifar10": (D.CIFAR10, dict(train=True), dict(train=False)),
             "cifar100": (D.CIFAR100, dict(train=True), dict(train=False)),
@@ -226,7 +225,6 @@ SMALL_CLASSNAMES = {
 
 def _load_synthetic(root, download):
     """4 classes of coloured noise, 64 train / 32 test 32-px images, fixed generation seed. For tests."""
-    from PIL import Image
     g = torch.Generator().manual_seed(0)
     colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=torch.float)
     parts = []
@@ -482,7 +480,6 @@ def _bundle_or(name, fallback, layout="torchvision"):
 def _imagenet_wnids():
     """The 1,000 ImageNet-1k WordNet ids in sorted order: the standard class index order, the order of open_clip's
     IMAGENET_CLASSNAMES. open_clip and torchvision ship no wnid list; timm (a dependency of open_clip) does."""
-    from timm.data import ImageNetInfo
     wnids = list(ImageNetInfo().label_names())
     if len(wnids) != 1000 or wnids != sorted(wnids):
         raise common.UserError(f"timm's ImageNet-1k wnid list is not the 1,000 sorted ids (got {len(wnids)})")
@@ -492,7 +489,6 @@ def _load_imagenet(root, download, as_released=False):
     """<root>/imagenet/{train,val}/<wnid>/<image> (or <root>/{train,val}/...), val/ sorted into wnid folders as
     torchvision's ImageNet or the usual valprep script leave it. The classes are train/'s wnid folders, sorted
     (all 1,000: the standard index), named by open_clip's IMAGENET_CLASSNAMES; val/ must have the same folders."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     root = Path(root)
     base = next((b for b in (root / "imagenet", root) if (b / "train").is_dir() and (b / "val").is_dir()), None)
     if base is None:

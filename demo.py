@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import torch.nn.functional as F
 from PIL import Image
 
@@ -317,7 +318,6 @@ def load_demo_dataset():
 
 def to_clip_tensor(images):
     """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] normalised like the tiny model's eval preprocess."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     return (x - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[:, None, None]
 

@@ -1,4 +1,4 @@
-"""Mismatch detection (CAP §3.1) at scale: the fast removal loop (warm-started, incremental K-Means) against
+"""Mismatch detection (CAP §3.1) at scale: the fast removal loop (each K-Means warm-started from the last) against
 the paper's from-scratch loop, on synthetic worlds with planted mismatched classes. A script, not a test.
 
 A world: C classes of `per` images each, image features = class direction + noise on the unit sphere, text
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (cli.py sets it too, but after torch here)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the scripts do
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
