@@ -1,4 +1,4 @@
-"""Benchmark kmeans.kmeans against faiss.Kmeans and scikit-learn KMeans on CPU with 2 threads.
+"""Benchmark common.kmeans against faiss.Kmeans and scikit-learn KMeans on CPU with 2 threads.
 
 A script, not a test. Every peer gets the same data, the same K, the same 25 Lloyd iterations and
 no early stopping (tol=0), and runs in a fresh subprocess so its peak memory can be read from
@@ -27,7 +27,7 @@ Notes on the peers:
     labels (ours and sklearn return labels too); the train-only time is printed below the table.
   - sklearn KMeans(init="k-means++", n_init=1, max_iter=25, tol=0, algorithm="lloyd"); it still stops
     early if the assignment stops changing (then it has converged, so this costs it nothing).
-  - ours: kmeans.kmeans(x, K, n_iter=25, tol=0), Euclidean (spherical=False) like the peers.
+  - ours: common.kmeans(x, K, n_iter=25, tol=0), Euclidean (spherical=False) like the peers.
 """
 import argparse
 import json
@@ -128,24 +128,24 @@ def _mem_kb(field):
 
 
 def _fit_fn(peer, n_iter, info):
-    """-> fit(x, k, seed) returning (centroids [K, D], labels [N]): every peer delivers both, as kmeans.kmeans does."""
+    """-> fit(x, k, seed) returning (centroids [K, D], labels [N]): every peer delivers both, as common.kmeans does."""
     if peer == "ours":
         import torch
         torch.set_num_threads(THREADS)
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import kmeans
+        import common
 
         device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))  # --device: ours alone can run on a GPU
 
         def fit(x, k, seed):
             if device.type == "cpu":
-                centroids, assign, _ = kmeans.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)
+                centroids, assign, _ = common.kmeans(torch.from_numpy(x), k, n_iter=n_iter, tol=0.0, seed=seed)
                 return centroids.numpy(), assign.numpy()
             xd = torch.from_numpy(x).to(device)  # the copy is outside gpu_seconds (CAP's features live there already)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            centroids, assign, _ = kmeans.kmeans(xd, k, n_iter=n_iter, tol=0.0, seed=seed)
+            centroids, assign, _ = common.kmeans(xd, k, n_iter=n_iter, tol=0.0, seed=seed)
             torch.cuda.synchronize()
             info.setdefault("gpu_seconds", []).append(time.perf_counter() - t0)
             info.setdefault("gpu_peak_extra_mb", []).append(
