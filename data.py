@@ -11,6 +11,10 @@ its class-name file, torchvision's (or the official) layout otherwise. ImageNet 
 Every loader returns an `info` dict that results.json records: the layout read, the split sizes and a 12-hex
 sha1 of each split's "path label" list (paths relative to the dataset root), so two runs can tell whether
 they used the same split.
+
+Beside the table: images as a torch Dataset and endless seeded batches of them, the class text a dataset brings
+(its LLM domain, shipped descriptions, description files), the published zero-shot rows each run is checked
+against (docs/paper_results.json), and the papers' settings (which images are labeled) with their metrics.
 """
 import hashlib
 import json
@@ -29,9 +33,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
 import common  # UserError (common imports this module too: names are looked up at call time)
-import demo  # the offline demo world; it imports nothing of ours
+import demo  # the offline demo world (it imports common, not this module)
 
-# `samples` is anything indexable giving a PIL image or an image path.
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images as a torch Dataset, and endless seeded batches. `samples`: anything indexable giving a PIL image or a path.
 
 class ImageList(Dataset):
     """Indexable (image, label, index) with a transform; reads paths lazily, names unreadable files."""
@@ -65,6 +71,10 @@ def forever(dataset, batch_size, seed, workers=0):
                         drop_last=True, num_workers=workers)
     while True:
         yield from loader
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset table: class names, and one loader per --data name (DATASETS below)
 
 EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP, in torchvision folder order
     "annual crop land", "forest", "brushland or shrubland", "highway or road",
@@ -586,7 +596,7 @@ def load_dataset(name, data_dir="data", download=False, as_released=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The papers' settings: which images are labeled (CAP/CPL/GRIP §4.1)
+# The papers' settings: which images are labeled (CAP/CPL/GRIP §4.1), and how a run is scored
 
 def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
     """SSL: `shots` labeled images per class, drawn without replacement from numpy seeded with `seed` (0 as
