@@ -1,6 +1,10 @@
 """Shared pieces of zeroshot.py, cap.py and coreg.py, in the order a reader needs them: errors and the shared flags,
 prompt templates, device and seeds, CLIP, image features and their cache, the hand-written K-Means, metrics, the
-run and its results.json, and the one LLM request (with CAP's class descriptions). Each function can be copied alone."""
+run and its results.json, and the one LLM request (with CAP's class descriptions).
+
+This file imports no module of this project (data.py and demo.py build on it), only torch, torchvision, open_clip,
+numpy and requests; `common.kmeans` and its helpers need torch alone."""
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads sleep (docs/usage.md)
@@ -32,17 +36,16 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import data  # the dataset table (it imports this module too: each side looks names up at call time)
-import demo  # the offline demo world and the tiny in-process CLIPs
-
 CACHE_VERSION = 2  # bump when the feature-cache format or preprocessing changes
 
 
 # -----------------------------------------------------------------------------
 # Errors and the shared flags
 
+
 class UserError(Exception):
     """A problem the user can fix (missing data or weights, a bad flag or path): run_cli prints one line, exit 2."""
+
 
 def run_cli(main):
     """Entry point wrapper: UserError -> one line on stderr, exit 2; Ctrl-C -> 'interrupted', exit 130."""
@@ -56,8 +59,10 @@ def run_cli(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
-def _number_type(kind, low, strict=False):
-    """-> an argparse type: text -> `kind`, finite and >= low (> low if strict), else a one-line usage error."""
+
+def _number_type(kind, low, strict=False, high=math.inf):
+    """-> an argparse type: text -> `kind`, finite, >= low (> low if strict) and <= high, else a one-line usage
+    error."""
     what, op = ("an integer" if kind is int else "a finite number"), (">" if strict else ">=")
 
     def parse(text):
@@ -67,26 +72,35 @@ def _number_type(kind, low, strict=False):
             raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {what} {op} {low}, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be {what} <= {high}, got {text}")
         return value
+
     return parse
+
 
 positive_int = _number_type(int, 1)  # counts and sizes
 nonneg_int = _number_type(int, 0)
 positive_float = _number_type(float, 0.0, strict=True)  # learning rates, temperatures: nan, inf, 0 and -1 refused
 nonneg_float = _number_type(float, 0.0)
+seed_int = _number_type(int, 0, high=2**32 - 1)  # numpy's seeds: 0 to 2**32 - 1
 
-def add_common_args(p):
-    """The flags every script shares, with the same names and meanings."""
+
+def add_common_args(p, datasets):
+    """The flags every script shares, with the same names and meanings; `datasets`: the --data choices."""
     # data
-    p.add_argument("--data", default="dtd", choices=sorted(data.DATASETS), help="dataset name")
+    p.add_argument("--data", default="dtd", choices=sorted(datasets), help="dataset name")
     p.add_argument("--data-dir", default="data", help="root folder holding the datasets")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     # CLIP
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (--data demo: tiny-demo)")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag, a local weights file, 'none' (random init) or 'demo' (the demo CLIP)")
+    p.add_argument(
+        "--pretrained",
+        default="openai",
+        help="open_clip tag, a local weights file, 'none' (random init) or 'demo' (the demo CLIP)",
+    )
     # system
-    p.add_argument("--seed", type=int, default=1, help="optimisation seed (the papers report seeds 1-3)")
+    p.add_argument("--seed", type=seed_int, default=1, help="optimisation seed (the papers report seeds 1-3)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     p.add_argument("--cache-dir", default="cache", help="feature, weight and LLM response cache")
@@ -95,16 +109,21 @@ def add_common_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
+
 def add_ablation_switches(p, components):
     """One --NAME / --no-NAME flag per {NAME: what it is}, on by default: the ablations switch one component off."""
     for name, what in components.items():
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=what)
 
-def parse_args(p, argv, dataset_defaults):
-    """Parse argv with per-dataset defaults (data.CLIP_DEFAULTS, then {data: {dest: value}}); typed flags win."""
+
+def parse_args(p, argv, *dataset_defaults):
+    """Parse argv with per-dataset defaults: tables {data: {dest: value}}, later tables win; typed flags win over
+    all of them."""
     data_name = p.parse_known_args(argv)[0].data  # the defaults depend on --data
-    p.set_defaults(**data.CLIP_DEFAULTS.get(data_name, {}), **dataset_defaults.get(data_name, {}))
+    for table in dataset_defaults:
+        p.set_defaults(**table.get(data_name, {}))
     return p.parse_args(argv)
+
 
 def release_settings(args, behaviours):
     """--as-released (all) or --release a,b (some) -> one bool per behaviour (--release no-low-t -> .no_low_t)."""
@@ -112,6 +131,7 @@ def release_settings(args, behaviours):
     if unknown := chosen - set(behaviours):
         raise UserError(f"--release: unknown behaviour(s) {sorted(unknown)}; choose from {', '.join(behaviours)}")
     return SimpleNamespace(**{b.replace("-", "_"): b in chosen for b in behaviours})
+
 
 def cosine(t, total, warmup=0, floor=0.0):
     """Learning-rate multiplier: linear warm-up over `warmup` steps, then a cosine from 1 to `floor` at `total`."""
@@ -126,14 +146,36 @@ def cosine(t, total, warmup=0, floor=0.0):
 TEMPLATES_SINGLE = ["a photo of a {}."]  # the one prompt of FPL and CAP
 # "imagenet_templates_small", exactly as Co-Reg's release annotates with them (utils/utils_experi.py): no full stop
 TEMPLATES_SMALL = [
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
-    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
-    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
-    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
-    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
-    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
-    "a photo of a cool {}", "a photo of a small {}"]
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
 PROMPT_SET_NAMES = {"single": "1 template", "small": "27-template ensemble", "imagenet": "80-template ensemble"}
+
 
 def get_templates(name):
     """'single' | 'small' (27) | 'imagenet' (the 80 OpenAI ImageNet templates shipped by open_clip)."""
@@ -144,6 +186,7 @@ def get_templates(name):
 
 # -----------------------------------------------------------------------------
 # Device and seeds
+
 
 def get_device(name=None):
     """--device, default cuda when available; asking for a device this machine lacks is a one-line error."""
@@ -159,6 +202,7 @@ def get_device(name=None):
         raise UserError(f"--device {name}: not supported; use cpu, cuda or cuda:N")
     return device
 
+
 def set_seed(seed):
     """Seed Python's, numpy's and torch's (CPU and CUDA) global generators."""
     random.seed(seed)
@@ -166,17 +210,20 @@ def set_seed(seed):
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
 
+
 def autocast(device):
     """Mixed precision on CUDA only: bf16 if supported, else fp16 (cap.py adds a GradScaler); CPU: nullcontext."""
     if torch.device(device).type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
+
 def progress(iterable, desc, quiet=False, every=30.0):
     """A tqdm bar on a terminal; otherwise (a log file, CI) one plain line every `every` seconds; nothing if quiet."""
     if quiet:
         return iterable
     return tqdm(iterable, desc=desc, leave=False) if sys.stdout.isatty() else _every(iterable, desc, every)
+
 
 def _every(iterable, desc, every):
     total = len(iterable) if hasattr(iterable, "__len__") else "?"
@@ -191,12 +238,14 @@ def _every(iterable, desc, every):
 # -----------------------------------------------------------------------------
 # CLIP
 
+
 def _hub_reachable(host="huggingface.co", timeout=3.0):
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
 
 def _is_torchscript(path):
     """OpenAI's released CLIP files (e.g. ViT-B-32.pt) are TorchScript archives: a zip with a code/ folder."""
@@ -205,6 +254,7 @@ def _is_torchscript(path):
             return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
 
 def clip_architecture(model_name, tag):
     """(open_clip model name, quick_gelu) that the weights were trained with. OpenAI's CLIPs use QuickGELU and open_clip
@@ -219,19 +269,25 @@ def clip_architecture(model_name, tag):
             return (name if quick or name == base else base), quick  # a -quickgelu name with a GELU tag: GELU
     return model_name, None
 
+
 def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
     """-> (model in eval mode, preprocess, tokenizer); `pretrained`: open_clip tag, local file or 'none' (random)."""
-    demo.register_tiny_clips()
     if model_name not in open_clip.list_models():
-        raise UserError(f"unknown CLIP model '{model_name}'; see open_clip.list_models(), or 'tiny', 'tiny-demo'")
+        raise UserError(f"unknown CLIP model '{model_name}'; see open_clip.list_models()")
     tag = None if pretrained in (None, "", "none") else str(pretrained)
     local = tag is not None and os.path.isfile(tag)
-    if tag and not local and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag) \
-            and tag not in open_clip.list_pretrained_tags_by_model(model_name):
+    if (
+        tag
+        and not local
+        and not open_clip.get_pretrained_cfg(model_name.removesuffix("-quickgelu"), tag)
+        and tag not in open_clip.list_pretrained_tags_by_model(model_name)
+    ):
         if os.path.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise UserError(f"weights file {tag} not found; check --pretrained <file>")
-        raise UserError(f"'{tag}' is not a pretrained tag of {model_name} "
-                        f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>")
+        raise UserError(
+            f"'{tag}' is not a pretrained tag of {model_name} "
+            f"({open_clip.list_pretrained_tags_by_model(model_name)}) nor a file; use --pretrained <file>"
+        )
     root, level = logging.getLogger(), logging.getLogger().level
     if tag and not local and not _hub_reachable():  # the local Hugging Face cache only, not a minute of retries
         huggingface_hub.constants.HF_HUB_OFFLINE = True
@@ -244,19 +300,27 @@ def load_clip(model_name="ViT-B-32", pretrained="openai", device="cpu"):
         with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG state as it was
             torch.manual_seed(0)  # 'none' = random init, the same for every run (feature caches stay valid)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, device=device, force_quick_gelu=bool(quick),
-                weights_only=not (local and _is_torchscript(tag)))  # TorchScript: jit.load
+                name,
+                pretrained=tag,
+                device=device,
+                force_quick_gelu=bool(quick),
+                weights_only=not (local and _is_torchscript(tag)),
+            )  # TorchScript: jit.load
     except Exception as e:
         if local:  # e.g. random bytes: torch's own advice (weights_only=False) is wrong here
-            raise UserError(f"cannot load weights file {tag} for {name} ({type(e).__name__}): truncated, not an "
-                            f"open_clip/OpenAI checkpoint, or the weights of another model than {name}") from None
+            raise UserError(
+                f"cannot load weights file {tag} for {name} ({type(e).__name__}): truncated, not an "
+                f"open_clip/OpenAI checkpoint, or the weights of another model than {name}"
+            ) from None
         if isinstance(e, RuntimeError) and ("download" in str(e).lower() or "connect" in str(e).lower()):
-            raise UserError(f"could not download CLIP weights '{tag}' for {name} (offline?); "
-                            f"pass --pretrained <local weights file>") from None
+            raise UserError(
+                f"could not download CLIP weights '{tag}' for {name} (offline?); pass --pretrained <local weights file>"
+            ) from None
         raise
     finally:
         root.setLevel(level)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
 
 @torch.no_grad()
 def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
@@ -273,6 +337,7 @@ def zero_shot_weights(model, tokenizer, classnames, templates, device="cpu"):
 # -----------------------------------------------------------------------------
 # Image features and their cache
 
+
 def file_key(path, block=1 << 20):
     """Content key of a weights file (size, first and last MiB): a copy keeps it, an edit changes it, and it is fast."""
     size, h = os.path.getsize(path), hashlib.sha1()
@@ -282,10 +347,12 @@ def file_key(path, block=1 << 20):
         h.update(f.read(block))
     return f"{Path(path).stem}-{h.hexdigest()[:10]}-{size}"
 
+
 def cache_path(cache_dir, data_key, split, model_name, pretrained):
     """Feature-cache file keyed by dataset, split, model, weights (by content when a file) and format version."""
     p = file_key(pretrained) if os.path.isfile(str(pretrained)) else str(pretrained)
     return Path(cache_dir) / f"{data_key}_{split}_{model_name}_{p}_eval_v{CACHE_VERSION}.pt".replace("/", "-")
+
 
 def save_atomic(obj, path):
     """torch.save `obj` (a str: write it as text) to a temp file in path's folder, then rename it to path: never a
@@ -302,6 +369,7 @@ def save_atomic(obj, path):
             os.remove(tmp)
     return path
 
+
 def load_cached(path, keys):
     """Load a cache file with weights_only=True; None if there is none (path None or missing), or, with a one-line
     warning, if it is corrupt."""
@@ -316,6 +384,7 @@ def load_cached(path, keys):
         print(f"warning: cache {Path(path).name} is unreadable ({type(e).__name__}); recomputing", file=sys.stderr)
         return None
 
+
 @torch.no_grad()
 def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache_file=None, quiet=False):
     """(image, label, index) items -> (features [N, D] float32 L2-normalised, labels [N]), cached in cache_file."""
@@ -324,8 +393,13 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
         print(f"feature cache hit: {Path(cache_file).name}")
         return hit["features"], hit["labels"]
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # its own generator: a cache miss draws nothing global
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )  # its own generator: a cache miss draws nothing global
     feats, labels = [], []
     for images, y, _ in progress(loader, "encode", quiet):
         with autocast(device):
@@ -337,32 +411,10 @@ def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, cache
         save_atomic({"features": features, "labels": labels, "version": CACHE_VERSION}, cache_file)
     return features, labels
 
-def prepare(args, device, keep_test_in_pool=False):
-    """Load the dataset and CLIP and encode both splits once (cached), drawing no global random numbers. -> namespace
-    of train/test samples and labels, classnames, split_info, model, preprocess, tokenizer, f_train [N, D], f_test."""
-    train, y_train, test, y_test, classnames, info = data.load_dataset(args.data, args.data_dir, args.download,
-                                                                       as_released=keep_test_in_pool)
-    if len(classnames) < 2 or len(torch.unique(y_train)) < 2:
-        raise UserError(f"--data {args.data}: found {len(classnames)} class(es) in {args.data_dir}; "
-                        f"classification needs at least 2")
-    pretrained = demo.clip_weights(args.cache_dir, args.quiet) if args.pretrained == "demo" else args.pretrained
-    model, preprocess, tokenizer = load_clip(args.clip_model, pretrained, device)
-    data_key = args.data  # a folder dataset is keyed by its path too: two folders must not share a cache
-    if args.data == "folder":
-        data_key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
-    feats = {}
-    for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
-        split_key = f"{split}_{info[split + '_hash']}" if info.get(split + "_hash") else split  # the split's content
-        cache = None if args.no_cache else cache_path(args.cache_dir, data_key, split_key, args.clip_model, pretrained)
-        feats[split] = encode_images(model, data.ImageList(samples, labels, preprocess), device,
-                                     workers=args.workers, cache_file=cache, quiet=args.quiet)[0]
-    return SimpleNamespace(train=train, y_train=y_train, test=test, y_test=y_test, classnames=classnames,
-                           split_info=info, model=model, preprocess=preprocess, tokenizer=tokenizer,
-                           pretrained=str(pretrained), f_train=feats["train"], f_test=feats["test"])
-
 
 # -----------------------------------------------------------------------------
 # K-Means (hand-written, on the data's device)
+
 
 def _assign(x, x_sq, c, chunk):
     """Nearest centroid per row via |x|² − 2x·cᵀ + |c|², in row chunks, and the per-cluster sums and counts
@@ -376,18 +428,20 @@ def _assign(x, x_sq, c, chunk):
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)  # [N]
     sums = torch.zeros(K, x.shape[1], dtype=x.dtype, device=x.device)  # [K, D]
     for s in range(0, len(x), chunk):  # memory O(chunk * K)
-        xb, a = x[s:s + chunk], assign[s:s + chunk]  # [B, D], [B]
+        xb, a = x[s : s + chunk], assign[s : s + chunk]  # [B, D], [B]
         d = torch.addmm(c_sq, xb, c.T, alpha=-2)  # [B, K'] |c|² − 2x·cᵀ (|x|² can't move the argmin)
-        torch.min(d, 1, out=(dist[s:s + chunk], a))
+        torch.min(d, 1, out=(dist[s : s + chunk], a))
         sums.index_add_(0, a, xb)  # summed while the chunk is still in cache: one pass over x per iteration, not two
     counts = torch.bincount(assign, minlength=K)  # [K]
     return assign, dist.add_(x_sq).clamp_min_(0), sums, counts  # float32 round-off can dip just below 0
+
 
 def _dists_to(x, x_sq, ids):
     """Squared distance of every row of x to the rows ids. -> [L, N]"""
     d = torch.addmm(x_sq, x[ids], x.T, alpha=-2).add_(x_sq[ids, None]).clamp_min_(0)  # [L, N]
     d[torch.arange(len(ids), device=x.device), ids] = 0  # exactly 0 at the point itself (round-off would not be)
     return d
+
 
 def _kmeans_pp(x, x_sq, k, g, n_trials=None):
     """Greedy k-means++ (Arthur & Vassilvitskii 2007, as scikit-learn runs it): a uniform first centre, then each next
@@ -407,6 +461,7 @@ def _kmeans_pp(x, x_sq, k, g, n_trials=None):
         d2 = d_cand[best]
     return x[torch.cat(idx)]  # [K, D] (advanced indexing copies)
 
+
 def _update_centroids(x, sums, counts, dist, c, spherical):
     """Cluster means from _assign's sums and counts; empty clusters re-seeded at the points farthest from a centre."""
     new = sums / counts.clamp_min(1).to(x.dtype)[:, None]  # [K, D]
@@ -417,6 +472,7 @@ def _update_centroids(x, sums, counts, dist, c, spherical):
         norm = new.norm(dim=1, keepdim=True)  # [K, 1]
         new = torch.where(norm > 1e-12, new / norm.clamp_min(1e-12), c)  # antipodal mean: keep old centre
     return new
+
 
 def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=None, chunk=None, seed_rows=None):
     """Lloyd's K-Means with greedy k-means++ seeding, in torch on x's device. x [N, D]; stops after n_iter updates, when
@@ -454,14 +510,17 @@ def kmeans(x, k, n_iter=25, tol=1e-4, seed=0, spherical=False, n_init=1, init=No
 # -----------------------------------------------------------------------------
 # Metrics, the run's prologue and epilogue, and results.json
 
+
 def accuracy(pred, labels):
     """Fraction of pred equal to labels (NaN when there are none)."""
     return (pred == labels).float().mean().item() if len(labels) else float("nan")
+
 
 def per_class_accuracy(pred, labels, num_classes):
     """-> [C] accuracy per class (NaN for classes absent from `labels`)."""
     hit = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
     return hit / torch.bincount(labels, minlength=num_classes).float()
+
 
 def check_folder(folder, flag):
     """Fail at start-up, in one line, if `folder` cannot hold our files: never after the work is done."""
@@ -478,6 +537,7 @@ def check_folder(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder} is not writable ({e.strerror or type(e).__name__})") from None
 
+
 def start_run(args, out_default):
     """main()'s prologue: config as one JSON line, folders checked, device, seed. -> (config, start, device, out_dir)"""
     config = vars(args).copy()
@@ -489,21 +549,69 @@ def start_run(args, out_default):
     set_seed(args.seed)
     return SimpleNamespace(config=config, start=time.time(), device=device, out_dir=out_dir)
 
+
+PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
+
+
+def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
+    """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
+    template), warn if they differ by > `tol` points. -> {measured, published, source, differs} for results.json"""
+    cell = None
+    if args.pretrained == "openai" and prompt_set == "1 template" and PAPER_RESULTS.exists():
+        zs = json.loads(PAPER_RESULTS.read_text(encoding="utf-8")).get("zeroshot", {})
+        cell = zs.get(setting, {}).get(args.data, {}).get(args.clip_model.removesuffix("-quickgelu"))
+    out = {
+        "measured": round(100 * measured, 2),
+        "published": cell and cell.get("value"),
+        "source": cell and cell.get("source"),
+        "differs": False,
+    }
+    if out["published"] is None:
+        print(
+            f"zero-shot {out['measured']:.2f} ({prompt_set}); no published row for {args.data} / "
+            f"{args.clip_model} / {args.pretrained} / {setting}"
+        )
+        return out
+    out["differs"] = abs(out["measured"] - out["published"]) > tol
+    print(f"zero-shot {out['measured']:.2f} ({prompt_set}) | published {out['published']:.2f} ({out['source']})")
+    if out["differs"]:
+        print(
+            f"warning: zero-shot differs from the published {out['published']:.2f} by "
+            f"{out['measured'] - out['published']:+.2f} points (> {tol}); usual causes: activation (QuickGELU for "
+            f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
+            f"(docs/usage.md)",
+            file=sys.stderr,
+        )
+    return out
+
+
 def check_finite(value, what):
     """Stop a diverging run with one line instead of training on NaNs. value: a float (e.g. an epoch's loss)."""
     if not math.isfinite(value):
         raise UserError(f"{what} is {value}: the run diverged; lower --lr")
 
+
 def versions():
     """Python, torch, torchvision, open_clip and CUDA versions, threads and the git commit, for results.json."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         commit = None
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "open_clip": open_clip.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads(), "git_commit": commit}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "open_clip": open_clip.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "git_commit": commit,
+    }
+
 
 def strict_json(obj):
     """Tensors and numpy numbers -> Python values, NaN and ±inf -> None: results.json is strict JSON."""
@@ -515,10 +623,16 @@ def strict_json(obj):
         return strict_json(obj.tolist())
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
+
 def finish_run(run, metrics, summary, extra=None):
     """main()'s epilogue: results.json {config, metrics, elapsed_s, versions, **extra} (an old one kept), summary."""
-    res = {"config": run.config, "metrics": metrics, "elapsed_s": round(time.time() - run.start, 2),
-           "versions": versions(), **(extra or {})}
+    res = {
+        "config": run.config,
+        "metrics": metrics,
+        "elapsed_s": round(time.time() - run.start, 2),
+        "versions": versions(),
+        **(extra or {}),
+    }
     path = run.out_dir / "results.json"
     if path.exists():
         kept = path.with_name(time.strftime("results-%Y%m%d-%H%M%S.json", time.localtime(path.stat().st_mtime)))
@@ -532,8 +646,10 @@ def finish_run(run, metrics, summary, extra=None):
 # -----------------------------------------------------------------------------
 # LLM: one chat-completions request with `requests`, retried, cached on disk
 
+
 class LLMError(Exception):
     """The LLM server gave no usable answer (unreachable, refused, malformed); callers may fall back."""
+
 
 def _chat_once(endpoint, body, timeout, max_bytes):
     """One POST -> (its non-empty message contents, one per choice; None), or (None, why) when a retry may help
@@ -541,8 +657,9 @@ def _chat_once(endpoint, body, timeout, max_bytes):
     echoed key is blanked)."""
     key = os.environ.get("OPENAI_API_KEY")
     try:
-        with requests.post(endpoint, json=body, headers={"Authorization": f"Bearer {key}"} if key else {},
-                           timeout=timeout, stream=True) as r:
+        with requests.post(
+            endpoint, json=body, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout, stream=True
+        ) as r:
             raw, deadline = b"", time.monotonic() + timeout
             for chunk in r.iter_content(1 << 16):  # streamed: a huge or endless reply is cut off
                 raw += chunk
@@ -574,15 +691,28 @@ def _chat_once(endpoint, body, timeout, max_bytes):
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices:
         raise LLMError(f"{endpoint} reply has no 'choices': {snippet}")
-    contents = [c["message"].get("content") for c in choices
-                if isinstance(c, dict) and isinstance(c.get("message"), dict)]
+    contents = [
+        c["message"].get("content") for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)
+    ]
     contents = [c.strip() for c in contents if isinstance(c, str) and c.strip()]
     if not contents:
         raise LLMError(f"{endpoint} returned {len(choices)} choice(s), all with empty content")
     return contents, None
 
-def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retries=3, cache_dir=None,
-                 max_bytes=1_000_000, backoff=0.5):
+
+def llm_complete(
+    prompt,
+    *,
+    url,
+    model,
+    n=1,
+    temperature=0.7,
+    timeout=30.0,
+    retries=3,
+    cache_dir=None,
+    max_bytes=1_000_000,
+    backoff=0.5,
+):
     """POST one user message to an OpenAI-compatible {url}/v1/chat/completions -> list of reply texts (servers that
     ignore n > 1 send fewer). `retries` attempts in all, network errors, 429 and 5xx retried after backoff·2^i s
     (≤ 8 s); the key comes from $OPENAI_API_KEY; with cache_dir, replies are kept in cache_dir/llm/<sha256>.json."""
@@ -600,6 +730,7 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
     base = url.rstrip("/")
     endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
     attempts = max(1, retries)
+    why = None  # why the last attempt failed
     for i in range(attempts):
         if i:
             wait = min(backoff * 2 ** (i - 1), 8.0)  # 0.5, 1, 2, ... s by default
@@ -614,10 +745,14 @@ def llm_complete(prompt, *, url, model, n=1, temperature=0.7, timeout=30.0, retr
         save_atomic(json.dumps({**body, "contents": contents}, indent=1), cache_file)
     return contents
 
+
 # CAP's class descriptions (§3.1): the request (the paper publishes no prompt; this one is ours) and its parsing
 
-DESCRIBE_PROMPT = ('Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
-                   "about what it looks like in an image. Answer as a numbered list, one per line, nothing else.")
+DESCRIBE_PROMPT = (
+    'Give {n} short visual descriptions of "{classname}", {article} {domain}. Each is one sentence '
+    "about what it looks like in an image. Answer as a numbered list, one per line, nothing else."
+)
+
 
 def parse_descriptions(text):
     """Reply -> descriptions from a JSON array or numbered/bulleted lines (else all lines), deduped ignoring case."""
@@ -626,9 +761,10 @@ def parse_descriptions(text):
         items = json.loads(body)
         items = [str(s) for s in items] if isinstance(items, list) else [body]
     except ValueError:
-        lines = [l.strip() for l in body.splitlines() if l.strip()]
-        items = [m.group(1) for l in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", l))] or lines
+        lines = [line.strip() for line in body.splitlines() if line.strip()]
+        items = [m.group(1) for line in lines if (m := re.match(r"(?:\d+[.):]|[-*•])\s+(.*)", line))] or lines
     return _dedupe(s.strip().strip("\"'").strip() for s in items)
+
 
 def _dedupe(items):
     """Drop empties and case-insensitive repeats, keeping the first spelling and the order."""
@@ -636,6 +772,7 @@ def _dedupe(items):
     for s in filter(None, items):
         out.setdefault(s.lower(), s)
     return list(out.values())
+
 
 def describe_classes(classnames, domain, n=5, *, url, model, cache_dir=None, choices=1, **kw):
     """{classname: ≤ n descriptions}: one DESCRIBE_PROMPT request per class, choices merged; kw to llm_complete."""

@@ -16,28 +16,28 @@ Beside the table: images as a torch Dataset and endless seeded batches of them, 
 (its LLM domain, shipped descriptions, description files), the published zero-shot rows each run is checked
 against (docs/paper_results.json), and the papers' settings (which images are labeled) with their metrics.
 """
+
 import hashlib
 import json
 import os
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.datasets as D
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from timm.data import ImageNetInfo  # a dependency of open_clip: the ImageNet-1k wnid list
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-import common  # UserError (common imports this module too: names are looked up at call time)
-import demo  # the offline demo world (it imports common, not this module)
-
+import common
+import demo  # the offline demo world and its tiny CLIP (registered with open_clip when demo is imported)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images as a torch Dataset, and endless seeded batches. `samples`: anything indexable giving a PIL image or a path.
+# Images as a torch Dataset. `samples`: anything indexable giving a PIL image or a path.
+
 
 class ImageList(Dataset):
     """Indexable (image, label, index) with a transform; reads paths lazily, names unreadable files."""
@@ -60,36 +60,29 @@ class ImageList(Dataset):
             img = img.convert("RGB")
         return self.transform(img), int(self.labels[i]), i
 
-def subset(samples, labels, idx, transform):
-    """An ImageList over the images `idx` of `samples` with the given (pseudo)labels."""
-    return ImageList([samples[i] for i in idx.tolist()], labels, transform)
-
-def forever(dataset, batch_size, seed, workers=0):
-    """Endless shuffled batches from a seeded sampler (no `iterator.next()` tricks)."""
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=RandomSampler(dataset, generator=g),
-                        drop_last=True, num_workers=workers)
-    while True:
-        yield from loader
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The dataset table: class names, and one loader per --data name (DATASETS below)
 
-EUROSAT_CLASSNAMES = [  # CLIP-style names used by FPL/CAP, in torchvision folder order
-    "annual crop land", "forest", "brushland or shrubland", "highway or road",
-    "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
-    "residential buildings or homes or apartments", "river", "lake or sea"]
-EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-                   "PermanentCrop", "Residential", "River", "SeaLake"]  # the image folder of each name above
-RESISC45_CLASSNAMES = [
-    "airplane", "airport", "baseball diamond", "basketball court", "beach", "bridge", "chaparral",
-    "church", "circular farmland", "cloud", "commercial area", "dense residential", "desert", "forest",
-    "freeway", "golf course", "ground track field", "harbor", "industrial area", "intersection",
-    "island", "lake", "meadow", "medium residential", "mobile home park", "mountain", "overpass",
-    "palace", "parking lot", "railway", "railway station", "rectangular farmland", "river",
-    "roundabout", "runway", "sea ice", "ship", "snowberg", "sparse residential", "stadium",
-    "storage tank", "tennis court", "terrace", "thermal power station", "wetland"]
+# CLIP-style names used by FPL/CAP, in torchvision folder order
+EUROSAT_CLASSNAMES = (
+    "annual crop land, forest, brushland or shrubland, highway or road, "
+    "industrial buildings or commercial buildings, pasture land, permanent crop land, "
+    "residential buildings or homes or apartments, river, lake or sea"
+).split(", ")
+# the image folder of each name above
+EUROSAT_FOLDERS = (
+    "AnnualCrop, Forest, HerbaceousVegetation, Highway, Industrial, Pasture, PermanentCrop, Residential, River, SeaLake"
+).split(", ")
+RESISC45_CLASSNAMES = (
+    "airplane, airport, baseball diamond, basketball court, beach, bridge, chaparral, church, "
+    "circular farmland, cloud, commercial area, dense residential, desert, forest, freeway, golf course, "
+    "ground track field, harbor, industrial area, intersection, island, lake, meadow, "
+    "medium residential, mobile home park, mountain, overpass, palace, parking lot, railway, "
+    "railway station, rectangular farmland, river, roundabout, runway, sea ice, ship, snowberg, "
+    "sparse residential, stadium, storage tank, tennis court, terrace, thermal power station, wetland"
+).split(", ")
+
 
 def seeded_split(n, test_frac, seed):
     """Deterministic train/test index split for datasets that ship without one. -> (train_idx, test_idx)"""
@@ -97,17 +90,22 @@ def seeded_split(n, test_frac, seed):
     n_test = int(round(n * test_frac))
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
+
 def decode_images(samples, labels, size, workers=0):
     """Decode every image once, Resize + CenterCrop to `size`. -> uint8 [N, 3, size, size]"""
     tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
-    loader = DataLoader(ImageList(samples, labels, tf), batch_size=512, num_workers=workers,
-                        generator=torch.Generator())
+    loader = DataLoader(
+        ImageList(samples, labels, tf), batch_size=512, num_workers=workers, generator=torch.Generator()
+    )
     return torch.cat([x for x, _, _ in loader])
+
 
 def _require(path, what, flag="--data-dir"):
     if not Path(path).exists():
-        raise common.UserError(f"{what} not found at {path}; pass {flag} pointing at it "
-                               f"(or --download where supported)")
+        raise common.UserError(
+            f"{what} not found at {path}; pass {flag} pointing at it (or --download where supported)"
+        )
+
 
 def _torchvision(cls, root, download, **kw):
     """Build a torchvision dataset; 'not found' (or a failed download) becomes a one-line UserError, and what
@@ -118,15 +116,19 @@ def _torchvision(cls, root, download, **kw):
         return cls(root=str(root), download=download, **kw)
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as e:
         if download:  # offline or interrupted: undo what the attempt created
-            for p in (set(root.iterdir()) - before if before is not None else [root]):
+            for p in set(root.iterdir()) - before if before is not None else [root]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            raise common.UserError(f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:100] if str(e) else ''}); offline, try --data demo") from None
+            raise common.UserError(
+                f"could not download {cls.__name__} into {root} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:100] if str(e) else ''}); offline, try --data demo"
+            ) from None
         bundle = {folder: marker for folder, marker, _ in BUNDLE.values()}.get(cls.__name__)
         also = f", or the data bundle's {cls.__name__}/ with its {bundle}" if bundle else ""
-        raise common.UserError(f"{cls.__name__} not found under {root}; put it there (torchvision's layout{also}), "
-                               f"point --data-dir at its parent folder, or add --download; offline, try --data demo"
-                               ) from None
+        raise common.UserError(
+            f"{cls.__name__} not found under {root}; put it there (torchvision's layout{also}), "
+            f"point --data-dir at its parent folder, or add --download; offline, try --data demo"
+        ) from None
+
 
 def _tv_pair(cls, root, download, names, train_kw, test_kw):
     """(samples, labels) for a torchvision dataset with several official parts per split."""
@@ -140,27 +142,35 @@ def _tv_pair(cls, root, download, names, train_kw, test_kw):
         out.append((samples, torch.tensor(labels)))
     return out, names or ds.classes
 
+
 def _load_dtd(root, download):
-    parts, names = _tv_pair(D.DTD, root, download, None,
-                            [dict(split="train"), dict(split="val")], [dict(split="test")])
+    parts, names = _tv_pair(D.DTD, root, download, None, [dict(split="train"), dict(split="val")], [dict(split="test")])
     return parts, [n.replace("_", " ") for n in names]
 
-FLOWERS_RENAMES = {"globe-flower": "globe flower", "pink-yellow dahlia?": "pink and yellow dahlia",
-                   "ball moss": "air plant"}  # torchvision's three odd names, as CLIP/CoOp/FPL/CAP spell them
+
+FLOWERS_RENAMES = {
+    "globe-flower": "globe flower",
+    "pink-yellow dahlia?": "pink and yellow dahlia",
+    "ball moss": "air plant",
+}  # torchvision's three odd names, as CLIP/CoOp/FPL/CAP spell them
+
 
 def _load_flowers(root, download):
     names = [FLOWERS_RENAMES.get(n, n) for n in D.Flowers102.classes]
     return _tv_pair(D.Flowers102, root, download, names, [dict(split="train"), dict(split="val")], [dict(split="test")])
 
+
 def _load_aircraft(root, download):
     return _tv_pair(D.FGVCAircraft, root, download, None, [dict(split="trainval")], [dict(split="test")])
+
 
 def _folder_samples(root):
     """(paths, labels, classnames) of an ImageFolder-style tree root/<class>/<image>."""
     root = Path(root)
     if not root.is_dir():
-        raise common.UserError(f"image folder {root} does not exist; pass --data-dir PATH to a "
-                               f"root/<class>/<image> tree")
+        raise common.UserError(
+            f"image folder {root} does not exist; pass --data-dir PATH to a root/<class>/<image> tree"
+        )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     ext = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
     paths, labels = [], []
@@ -169,9 +179,11 @@ def _folder_samples(root):
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     if not paths:
-        raise common.UserError(f"image folder {root} holds no images in class sub-folders; "
-                               f"expected root/<class>/<image>")
+        raise common.UserError(
+            f"image folder {root} holds no images in class sub-folders; expected root/<class>/<image>"
+        )
     return paths, torch.tensor(labels), classes
+
 
 def _split_folder(root, seed=0):
     """root/{train,test}/<class>/... if present, otherwise a seeded 80/20 split of root/<class>/..."""
@@ -184,6 +196,7 @@ def _split_folder(root, seed=0):
     tr, te = seeded_split(len(paths), 0.2, seed)
     return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
 
+
 def _load_eurosat(root, download):
     ds = _torchvision(D.EuroSAT, root, download)
     paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
@@ -191,23 +204,29 @@ def _load_eurosat(root, download):
     names = EUROSAT_CLASSNAMES if ds.classes[0] == "AnnualCrop" else ds.classes
     return [([paths[i] for i in tr], labels[tr]), ([paths[i] for i in te], labels[te])], names
 
+
 def _load_resisc45(root, download):
     base = Path(root) / "NWPU-RESISC45"
     _require(base, "RESISC45 (root/NWPU-RESISC45/<class>/<image>.jpg, or the data bundle's root/RESICS45/train.json)")
     parts, _ = _split_folder(base)
     return parts, RESISC45_CLASSNAMES
 
+
 def _load_cub(root, download):
     """CUB-200-2011 as it unpacks: <root>/CUB_200_2011/{classes.txt, images.txt, train_test_split.txt, images/}."""
     base = Path(root)
-    _require(base / "CUB_200_2011" / "images.txt",
-             "CUB-200-2011 (root/CUB_200_2011/images.txt, images/, train_test_split.txt, or the data bundle's "
-             "root/CUB/CUB_200_2011/)")
+    _require(
+        base / "CUB_200_2011" / "images.txt",
+        "CUB-200-2011 (root/CUB_200_2011/images.txt, images/, train_test_split.txt, or the data bundle's "
+        "root/CUB/CUB_200_2011/)",
+    )
     pool, test, names = _cub_rows(base / "CUB_200_2011")
     return _rows_to_parts(base, pool, test), names
 
+
 def _load_small_tv(name):
     """Co-Reg's small-image datasets, each with its official train/test split."""
+
     def load(root, download):
         cls, kw_tr, kw_te = {
             "cifar10": (D.CIFAR10, dict(train=True), dict(train=False)),
@@ -220,18 +239,24 @@ def _load_small_tv(name):
         parts = []
         for kw in (kw_tr, kw_te):
             ds = _torchvision(cls, root, False if name == "fer2013" else download, **kw)
-            labels = [ds[i][1] for i in range(len(ds))] if name in ("gtsrb", "fer2013") else \
-                (ds.labels if name == "svhn" else ds.targets)
+            labels = (
+                [ds[i][1] for i in range(len(ds))]
+                if name in ("gtsrb", "fer2013")
+                else (ds.labels if name == "svhn" else ds.targets)
+            )
             parts.append((ds, torch.as_tensor(labels)))
         names = getattr(ds, "classes", None) or SMALL_CLASSNAMES[name]
         return parts, list(names)
+
     return load
+
 
 SMALL_CLASSNAMES = {
     "svhn": [str(i) for i in range(10)],
     "fer2013": ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"],
     "gtsrb": [f"traffic sign {i}" for i in range(43)],  # torchvision ships no GTSRB names
 }
+
 
 def _load_synthetic(root, download):
     """4 classes of coloured noise, 64 train / 32 test 32-px images, fixed generation seed. For tests."""
@@ -249,10 +274,12 @@ def _load_synthetic(root, download):
 # ---------------------------------------------------------------------------------------------------------------
 # What results.json records about the data: the layout read, the split sizes and a fingerprint of each split.
 
+
 def _digest(rows):
     """[(path or token, label)] -> 12 hex chars of sha1 over the lines "<path> <label>" joined by newlines."""
     text = "\n".join(f"{r} {int(y)}" for r, y in rows)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
 
 def _sample_rows(samples, labels, root):
     """One split -> [(token, label)] to fingerprint: image paths relative to `root` (POSIX), each image's pixel
@@ -265,18 +292,27 @@ def _sample_rows(samples, labels, root):
         return [(hashlib.sha1(im.tobytes()).hexdigest()[:12], y) for im, y in zip(samples, labels)]
     return [("", y) for y in labels]
 
+
 def _info(layout, root, parts, **extra):
     """parts [(train samples, labels), (test samples, labels)] -> {layout, n_train, n_test, train_hash, test_hash}."""
     (train, y_train), (test, y_test) = parts
-    return dict(layout=layout, n_train=len(y_train), n_test=len(y_test),
-                train_hash=_digest(_sample_rows(train, y_train, root)),
-                test_hash=_digest(_sample_rows(test, y_test, root)), **extra)
+    return dict(
+        layout=layout,
+        n_train=len(y_train),
+        n_test=len(y_test),
+        train_hash=_digest(_sample_rows(train, y_train, root)),
+        test_hash=_digest(_sample_rows(test, y_test, root)),
+        **extra,
+    )
+
 
 def _plain(loader, layout):
     """A DATASETS loader from one that knows a single layout: its (parts, classnames) plus their info."""
+
     def load(root, download, as_released=False):
         parts, names = loader(root, download)
         return parts, list(names), _info(layout, root, parts)
+
     return load
 
 
@@ -285,10 +321,11 @@ def _plain(loader, layout):
 # classes from utils/prepare_data.py (get_class_names), the pool (train + val) and the test set from
 # get_labeled_and_unlabeled_data, where each image file sits from data/dataset.py. Labels are 0-based class indices.
 
+
 def _rows_to_parts(base, *splits):
     """Splits of rows [(path relative to base, label)] -> [(paths, labels [N] int64), ...]."""
-    return [([str(base / r) for r, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long))
-            for rows in splits]
+    return [([str(base / r) for r, _ in rows], torch.tensor([y for _, y in rows], dtype=torch.long)) for rows in splits]
+
 
 def _bundle_result(base, pool, test, names, **extra):
     """The pool's and the test set's rows [(path relative to base, label)] -> (parts, classnames, info)."""
@@ -296,11 +333,15 @@ def _bundle_result(base, pool, test, names, **extra):
         if not rows:
             raise common.UserError(f"the data bundle's {base} gives an empty {what}")
         if not (base / rows[0][0]).is_file():
-            raise common.UserError(f"{base / rows[0][0]} (first image of the {what}) not found; the bundle's "
-                                   f"{base.name}/ should hold the images where its lists put them")
-    info = dict(layout="bundle", n_train=len(pool), n_test=len(test), train_hash=_digest(pool),
-                test_hash=_digest(test), **extra)
+            raise common.UserError(
+                f"{base / rows[0][0]} (first image of the {what}) not found; the bundle's "
+                f"{base.name}/ should hold the images where its lists put them"
+            )
+    info = dict(
+        layout="bundle", n_train=len(pool), n_test=len(test), train_hash=_digest(pool), test_hash=_digest(test), **extra
+    )
     return _rows_to_parts(base, pool, test), list(names), info
+
 
 def _read_lines(path):
     """-> [(line number, stripped text)] of a text file's non-blank lines; a missing file is one line."""
@@ -308,9 +349,11 @@ def _read_lines(path):
         raise common.UserError(f"{path} not found; the data bundle's {path.parent.name}/ folder should hold it")
     return [(i, t.strip()) for i, t in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if t.strip()]
 
+
 def _class_names(path):
     """class_names.txt / labels.txt: one name a line, in label order, used as written (already CLIP-style)."""
     return [t for _, t in _read_lines(path)]
+
 
 def _list_rows(path, n_classes=None):
     """An ELEVATER list file, lines "<zip>@<image path> <label>" (or "<image path> <label>").
@@ -325,18 +368,24 @@ def _list_rows(path, n_classes=None):
             raise common.UserError(f"{path}, line {i}: expected '<image path> <class index>', got {text[:80]!r}")
         label = int(fields[1]) if n_classes is not None else None
         if label is not None and label >= n_classes:
-            raise common.UserError(f"{path}, line {i}: class index {label}, but the class-name file lists "
-                                   f"{n_classes} names (indices 0-{n_classes - 1})")
+            raise common.UserError(
+                f"{path}, line {i}: class index {label}, but the class-name file lists "
+                f"{n_classes} names (indices 0-{n_classes - 1})"
+            )
         rows.append((i, rel, label))
     return rows
+
 
 def _bundle_indexed(base, as_released=False):
     """DTD/ and Flowers102/ (the release reads both alike): class_names.txt; train.txt + val.txt are the pool,
     test.txt the test set; a line's image is <base>/<split>/<path after '@'>, its label the line's index."""
     names = _class_names(base / "class_names.txt")
-    rows = {split: [(f"{split}/{rel}", y) for _, rel, y in _list_rows(base / f"{split}.txt", len(names))]
-            for split in ("train", "val", "test")}
+    rows = {
+        split: [(f"{split}/{rel}", y) for _, rel, y in _list_rows(base / f"{split}.txt", len(names))]
+        for split in ("train", "val", "test")
+    }
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
+
 
 def _bundle_aircraft(base, as_released=False):
     """FGVCAircraft/: labels.txt (the 100 variants, '/' written '-', in the bundle's order, not torchvision's);
@@ -350,10 +399,12 @@ def _bundle_aircraft(base, as_released=False):
         for i, rel, _ in _list_rows(base / f"{split}.txt"):
             folder = rel.split("/")[0].strip()
             if folder not in index:
-                raise common.UserError(f"{base / f'{split}.txt'}, line {i}: class folder '{folder}' is not a "
-                                       f"name in {base / 'labels.txt'}")
+                raise common.UserError(
+                    f"{base / f'{split}.txt'}, line {i}: class folder '{folder}' is not a name in {base / 'labels.txt'}"
+                )
             rows[split].append((f"{split}/{rel}", index[folder]))
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
+
 
 def _bundle_eurosat(base, as_released=False):
     """EuroSAT/: class_names.txt (CLIP-style names), one image folder per class, test.txt. As the release: the
@@ -365,15 +416,20 @@ def _bundle_eurosat(base, as_released=False):
     folder_of = dict(zip(EUROSAT_CLASSNAMES, EUROSAT_FOLDERS))
     unknown = [n for n in names if n not in folder_of]
     if unknown:
-        raise common.UserError(f"{base / 'class_names.txt'}: unknown EuroSAT class name(s) {unknown}; "
-                               f"expected names among {EUROSAT_CLASSNAMES}")
+        raise common.UserError(
+            f"{base / 'class_names.txt'}: unknown EuroSAT class name(s) {unknown}; "
+            f"expected names among {EUROSAT_CLASSNAMES}"
+        )
     pool = []
     for c, name in enumerate(names):
         folder = base / folder_of[name]
         if not folder.is_dir():
             raise common.UserError(f"EuroSAT class folder {folder} not found; the bundle keeps one per class")
-        pool += [(f"{folder.name}/{f}", c) for f in sorted(os.listdir(folder))
-                 if not f.startswith(".") and (folder / f).is_file()]
+        pool += [
+            (f"{folder.name}/{f}", c)
+            for f in sorted(os.listdir(folder))
+            if not f.startswith(".") and (folder / f).is_file()
+        ]
     test = []
     for _, rel, y in _list_rows(base / "test.txt", len(names)):
         f = rel.split("/")[-1]
@@ -383,8 +439,15 @@ def _bundle_eurosat(base, as_released=False):
     if not as_released:
         pool = [(r, y) for r, y in pool if r not in in_test]
         print(f"eurosat: dropped {overlap} test images from the train pool (--as-released keeps them, as the release)")
-    return _bundle_result(base, pool, test, names, n_test_dropped_from_pool=0 if as_released else overlap,
-                          n_test_in_pool=overlap if as_released else 0)
+    return _bundle_result(
+        base,
+        pool,
+        test,
+        names,
+        n_test_dropped_from_pool=0 if as_released else overlap,
+        n_test_in_pool=overlap if as_released else 0,
+    )
+
 
 def _json_images(path):
     """A COCO-style RESICS45 split file -> (the parsed object, [(index in "images", file_name after '@')])."""
@@ -396,15 +459,17 @@ def _json_images(path):
         raise common.UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     images = meta.get("images") if isinstance(meta, dict) else None
     if not isinstance(images, list):
-        raise common.UserError(f"{path}: no \"images\" list (expected COCO-style {{\"images\": [...], ...}})")
+        raise common.UserError(f'{path}: no "images" list (expected COCO-style {{"images": [...], ...}})')
     out = []
     for k, d in enumerate(images):
         name = d.get("file_name") if isinstance(d, dict) else None
         if not isinstance(name, str) or "/" not in name.split("@")[-1]:
-            raise common.UserError(f"{path}, images[{k}]: expected a \"file_name\" like '<zip>@<class>/<image>', "
-                                   f"got {str(d)[:80]!r}")
+            raise common.UserError(
+                f"{path}, images[{k}]: expected a \"file_name\" like '<zip>@<class>/<image>', got {str(d)[:80]!r}"
+            )
         out.append((k, name.split("@")[-1]))
     return meta, out
+
 
 def _bundle_resisc45(base, as_released=False):
     """RESICS45/ (the release's spelling): train.json + val.json are the pool, test.json the test set. As the
@@ -414,7 +479,7 @@ def _bundle_resisc45(base, as_released=False):
     split_files = {split: _json_images(base / f"{split}.json") for split in ("train", "val", "test")}
     cats = split_files["train"][0].get("categories")
     if not isinstance(cats, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in cats):
-        raise common.UserError(f"{base / 'train.json'}: expected a \"categories\" list of {{\"name\": ...}}")
+        raise common.UserError(f'{base / "train.json"}: expected a "categories" list of {{"name": ...}}')
     names = [c["name"].replace("_", " ") for c in cats]
     index = {n: c for c, n in enumerate(names)}
     rows = {}
@@ -423,10 +488,12 @@ def _bundle_resisc45(base, as_released=False):
         for k, name in images:
             cls, img = name.split("/")[0].replace("_", " "), name.split("/")[-1]
             if cls not in index:
-                raise common.UserError(f"{base / f'{split}.json'}, images[{k}]: class '{cls}' is not among "
-                                       f"train.json's categories")
+                raise common.UserError(
+                    f"{base / f'{split}.json'}, images[{k}]: class '{cls}' is not among train.json's categories"
+                )
             rows[split].append((f"{'_'.join(img.split('_')[:-1])}/{img}", index[cls]))
     return _bundle_result(base, rows["train"] + rows["val"], rows["test"], names)
+
 
 def _cub_fields(path, what):
     """CUB's "<image or class id> <value>" files -> [(line number, value)]."""
@@ -435,6 +502,7 @@ def _cub_fields(path, what):
         if len(t.split()) < 2:
             raise common.UserError(f"{path}, line {i}: expected '<id> <{what}>', got {t[:80]!r}")
     return [(i, t.split()[-1]) for i, t in rows]
+
 
 def _cub_rows(cub):
     """CUB_200_2011/'s official files, read as the release reads them. The class names are classes.txt's
@@ -457,10 +525,12 @@ def _cub_rows(cub):
         (pool if int(flag) else test).append((f"{cub.name}/images/{f}", index[clean(f.split("/")[0])]))
     return pool, test, names
 
+
 def _bundle_cub(base, as_released=False):
     """CUB/ holds the official CUB_200_2011/ (see _cub_rows)."""
     pool, test, names = _cub_rows(base / "CUB_200_2011")
     return _bundle_result(base, pool, test, names)
+
 
 BUNDLE = {  # --data name -> (the bundle's folder, the file that marks it as the bundle's, its reader)
     "dtd": ("DTD", "class_names.txt", _bundle_indexed),
@@ -470,6 +540,7 @@ BUNDLE = {  # --data name -> (the bundle's folder, the file that marks it as the
     "resisc45": ("RESICS45", "train.json", _bundle_resisc45),
     "cub": ("CUB", "CUB_200_2011/images.txt", _bundle_cub),
 }
+
 
 def _bundle_or(name, fallback, layout="torchvision"):
     """A DATASETS loader: the bundle's <root>/<folder>/ when its marker file is there, else `fallback`'s layout."""
@@ -481,11 +552,13 @@ def _bundle_or(name, fallback, layout="torchvision"):
         if (base / marker).is_file():
             return reader(base, as_released)
         return other(root, download)
+
     return load
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ImageNet-1k as an ImageFolder tree
+
 
 def _imagenet_wnids():
     """The 1,000 ImageNet-1k WordNet ids in sorted order: the standard class index order, the order of open_clip's
@@ -495,6 +568,7 @@ def _imagenet_wnids():
         raise common.UserError(f"timm's ImageNet-1k wnid list is not the 1,000 sorted ids (got {len(wnids)})")
     return wnids
 
+
 def _load_imagenet(root, download, as_released=False):
     """<root>/imagenet/{train,val}/<wnid>/<image> (or <root>/{train,val}/...), val/ sorted into wnid folders as
     torchvision's ImageNet or the usual valprep script leave it. The classes are train/'s wnid folders, sorted
@@ -502,8 +576,10 @@ def _load_imagenet(root, download, as_released=False):
     root = Path(root)
     base = next((b for b in (root / "imagenet", root) if (b / "train").is_dir() and (b / "val").is_dir()), None)
     if base is None:
-        raise common.UserError(f"ImageNet not found: expected {root / 'imagenet'}/ (or {root}/) to hold train/ and "
-                               f"val/ with one folder per wnid (n01440764, ...); pass --data-dir")
+        raise common.UserError(
+            f"ImageNet not found: expected {root / 'imagenet'}/ (or {root}/) to hold train/ and "
+            f"val/ with one folder per wnid (n01440764, ...); pass --data-dir"
+        )
     name_of = dict(zip(_imagenet_wnids(), IMAGENET_CLASSNAMES))
     p_train, y_train, wnids = _folder_samples(base / "train")
     unknown = [w for w in wnids if w not in name_of]
@@ -511,18 +587,26 @@ def _load_imagenet(root, download, as_released=False):
         raise common.UserError(f"{base / 'train'}: folder(s) {unknown[:3]} are not ImageNet-1k wnids (n01440764, ...)")
     p_test, y_test, wnids_val = _folder_samples(base / "val")
     if wnids_val != wnids:
-        raise common.UserError(f"{base / 'val'} has other class folders than {base / 'train'} ({len(wnids_val)} vs "
-                               f"{len(wnids)}); sort val/ into the same wnid folders")
+        raise common.UserError(
+            f"{base / 'val'} has other class folders than {base / 'train'} ({len(wnids_val)} vs "
+            f"{len(wnids)}); sort val/ into the same wnid folders"
+        )
     parts = [(p_train, y_train), (p_test, y_test)]
     return parts, [name_of[w] for w in wnids], _info("folder", base, parts)
 
+
 DATASETS = {  # name -> loader(root, download, as_released=False)
     #   -> ([(train_samples, labels), (test_samples, labels)], classnames, info)
-    "dtd": _bundle_or("dtd", _load_dtd), "eurosat": _bundle_or("eurosat", _load_eurosat),
-    "flowers102": _bundle_or("flowers102", _load_flowers), "fgvc_aircraft": _bundle_or("fgvc_aircraft", _load_aircraft),
-    "resisc45": _bundle_or("resisc45", _load_resisc45, "folder"), "cub": _bundle_or("cub", _load_cub, "official"),
-    **{n: _plain(_load_small_tv(n), "torchvision")
-       for n in ("cifar10", "cifar100", "svhn", "fashion_mnist", "gtsrb", "fer2013")},
+    "dtd": _bundle_or("dtd", _load_dtd),
+    "eurosat": _bundle_or("eurosat", _load_eurosat),
+    "flowers102": _bundle_or("flowers102", _load_flowers),
+    "fgvc_aircraft": _bundle_or("fgvc_aircraft", _load_aircraft),
+    "resisc45": _bundle_or("resisc45", _load_resisc45, "folder"),
+    "cub": _bundle_or("cub", _load_cub, "official"),
+    **{
+        n: _plain(_load_small_tv(n), "torchvision")
+        for n in ("cifar10", "cifar100", "svhn", "fashion_mnist", "gtsrb", "fer2013")
+    },
     "imagenet": _load_imagenet,
     "folder": _plain(lambda root, download: _split_folder(root), "folder"),
     "synthetic": _plain(_load_synthetic, "generated"),
@@ -533,53 +617,19 @@ DATASETS = {  # name -> loader(root, download, as_released=False)
 # weights): the demo world has its own tiny CLIP, whose weights ship in assets/ (demo.clip_weights).
 CLIP_DEFAULTS = {"demo": {"clip_model": "tiny-demo", "pretrained": "demo"}}
 # What each dataset's images are, for CAP's LLM prompt ("... visual descriptions of <class>, a <domain>").
-DOMAINS = {"dtd": "texture", "eurosat": "satellite image", "resisc45": "satellite image", "flowers102": "flower",
-           "fgvc_aircraft": "aircraft", "cub": "bird", "imagenet": "object", "demo": "synthetic pattern image"}
+DOMAINS = {
+    "dtd": "texture",
+    "eurosat": "satellite image",
+    "resisc45": "satellite image",
+    "flowers102": "flower",
+    "fgvc_aircraft": "aircraft",
+    "cub": "bird",
+    "imagenet": "object",
+    "demo": "synthetic pattern image",
+}
+# The class descriptions a dataset ships, used by CAP when no LLM answers (§3.1): the demo world's own.
+SHIPPED_DESCRIPTIONS = {"demo": demo.DESCRIPTIONS}
 
-def shipped_descriptions(name):
-    """Class descriptions a dataset ships, used when no LLM answers (CAP §3.1): the demo world's own, else None."""
-    return demo.DESCRIPTIONS if name == "demo" else None
-
-def load_descriptions(path):
-    """Read a JSON file {classname: [descriptions]} (a string counts as a 1-list). Malformed -> UserError."""
-    try:
-        found = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise common.UserError(f"descriptions file {path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(found, dict):
-        raise common.UserError(f"descriptions file {path}: expected an object {{classname: [descriptions]}}, "
-                               f"not a {type(found).__name__}")
-    out = {}
-    for name, v in found.items():
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise common.UserError(f"descriptions file {path}: {name!r} must map to a string or a list of strings")
-        out[name] = [s.strip() for s in v if s.strip()]
-    return out
-
-PAPER_RESULTS = Path(__file__).resolve().parent / "docs" / "paper_results.json"  # every published cell, sourced
-
-def check_zeroshot(measured, args, prompt_set, setting="ul", tol=1.5):
-    """Print zero-shot accuracy (a fraction; TRZSL: the harmonic mean) beside the published one (OpenAI weights, 1
-    template), warn if they differ by > `tol` points. -> {measured, published, source, differs} for results.json"""
-    cell = None
-    if args.pretrained == "openai" and prompt_set == "1 template" and PAPER_RESULTS.exists():
-        zs = json.loads(PAPER_RESULTS.read_text(encoding="utf-8")).get("zeroshot", {})
-        cell = zs.get(setting, {}).get(args.data, {}).get(args.clip_model.removesuffix("-quickgelu"))
-    out = {"measured": round(100 * measured, 2), "published": cell and cell.get("value"),
-           "source": cell and cell.get("source"), "differs": False}
-    if out["published"] is None:
-        print(f"zero-shot {out['measured']:.2f} ({prompt_set}); no published row for {args.data} / "
-              f"{args.clip_model} / {args.pretrained} / {setting}")
-        return out
-    out["differs"] = abs(out["measured"] - out["published"]) > tol
-    print(f"zero-shot {out['measured']:.2f} ({prompt_set}) | published {out['published']:.2f} ({out['source']})")
-    if out["differs"]:
-        print(f"warning: zero-shot differs from the published {out['published']:.2f} by "
-              f"{out['measured'] - out['published']:+.2f} points (> {tol}); usual causes: activation (QuickGELU for "
-              f"OpenAI weights), split or data layout, prompt templates, preprocessing, library versions "
-              f"(docs/usage.md)", file=sys.stderr)
-    return out
 
 def load_dataset(name, data_dir="data", download=False, as_released=False):
     """-> (train_samples, train_labels [N], test_samples, test_labels [M], classnames, info).
@@ -596,48 +646,51 @@ def load_dataset(name, data_dir="data", download=False, as_released=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The papers' settings: which images are labeled (CAP/CPL/GRIP §4.1), and how a run is scored
+# A dataset together with CLIP and the image features of both splits
 
-def protocol_ssl(labels, num_classes, shots=2, seed=0, reseed_per_class=False):
-    """SSL: `shots` labeled images per class, drawn without replacement from numpy seeded with `seed` (0 as
-    released): one stream for all classes, or reseeded before each class as the release does. -> idx tensor."""
-    rng, idx = np.random.RandomState(seed), []
-    for c in range(num_classes):
-        rng = np.random.RandomState(seed) if reseed_per_class else rng
-        idx.append(rng.choice(np.where(labels.numpy() == c)[0], shots, replace=False))
-    return torch.as_tensor(np.concatenate(idx))
 
-def protocol_trzsl(num_classes, split_seed=500, ratio=0.62):
-    """TRZSL: seen classes = np.random.choice(C, int(0.62 C)) after seeding with split_seed. -> (seen, unseen)"""
-    if num_classes < 2 or int(ratio * num_classes) < 1 or int(ratio * num_classes) >= num_classes:
-        raise common.UserError(f"TRZSL needs at least one seen and one unseen class; {num_classes} classes is too few")
-    rng = np.random.RandomState(split_seed)
-    seen = torch.as_tensor(np.sort(rng.choice(num_classes, int(ratio * num_classes), replace=False)))
-    unseen = torch.as_tensor([c for c in range(num_classes) if c not in set(seen.tolist())])
-    return seen, unseen
+@dataclass
+class Prepared:
+    """A dataset with the CLIP that reads it and both splits' image features (every script's first step)."""
 
-def split_setting(mode, labels, num_classes, split_seed, ssl_reseed=False):
-    """-> (labeled idx, unlabeled idx, pseudolabeled classes, seen classes) for UL, SSL or TRZSL."""
-    all_idx, classes = torch.arange(len(labels)), torch.arange(num_classes)
-    if mode == "ul":
-        return all_idx[:0], all_idx, classes, classes[:0]
-    if mode == "ssl":
-        lab = protocol_ssl(labels, num_classes, reseed_per_class=ssl_reseed)
-        return lab, all_idx[~torch.isin(all_idx, lab)], classes, classes[:0]
-    seen, unseen = protocol_trzsl(num_classes, split_seed)
-    is_seen = torch.isin(labels, seen)
-    return all_idx[is_seen], all_idx[~is_seen], unseen, seen
+    train: list  # training images (PIL images, paths or a dataset object), indexable
+    y_train: torch.Tensor  # [N] true labels (for reports only: the methods never train on them in UL)
+    test: list  # test images
+    y_test: torch.Tensor  # [M]
+    classnames: list  # the names CLIP reads
+    split_info: dict  # layout, sizes and the splits' fingerprints, for results.json
+    model: torch.nn.Module  # open_clip CLIP, eval mode
+    preprocess: object  # its image transform
+    tokenizer: object
+    pretrained: str  # the weights: an open_clip tag or a file
+    f_train: torch.Tensor  # [N, D] image features, L2-normalised float32
+    f_test: torch.Tensor  # [M, D]
 
-def harmonic_mean(a, b):
-    """2ab / (a + b), 0 when both are 0 (TRZSL's seen/unseen summary)."""
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
-def setting_metrics(pred, labels, seen):
-    """Test accuracy, plus seen / unseen accuracy and their harmonic mean in TRZSL (§1.2; `seen` empty otherwise)."""
-    out = {"test_acc": common.accuracy(pred, labels)}
-    if len(seen):
-        is_seen = torch.isin(labels, seen)
-        out["seen_acc"] = common.accuracy(pred[is_seen], labels[is_seen])
-        out["unseen_acc"] = common.accuracy(pred[~is_seen], labels[~is_seen])
-        out["harmonic_mean"] = harmonic_mean(out["seen_acc"], out["unseen_acc"])
-    return out
+def prepare(args, device, keep_test_in_pool=False):
+    """Load the dataset and CLIP, and encode both splits once (cached), drawing no global random numbers."""
+    train, y_train, test, y_test, classnames, info = load_dataset(
+        args.data, args.data_dir, args.download, as_released=keep_test_in_pool
+    )
+    if len(classnames) < 2 or len(torch.unique(y_train)) < 2:
+        raise common.UserError(
+            f"--data {args.data}: found {len(classnames)} class(es) in {args.data_dir}; classification needs at least 2"
+        )
+    pretrained = demo.clip_weights(args.cache_dir, args.quiet) if args.pretrained == "demo" else args.pretrained
+    model, preprocess, tokenizer = common.load_clip(args.clip_model, pretrained, device)
+    data_key = args.data  # a folder dataset is keyed by its path too: two folders must not share a cache
+    if args.data == "folder":
+        data_key += "-" + hashlib.sha1(str(Path(args.data_dir).resolve()).encode()).hexdigest()[:8]
+    feats = {}
+    for split, samples, labels in (("train", train, y_train), ("test", test, y_test)):
+        split_key = f"{split}_{info[split + '_hash']}" if info.get(split + "_hash") else split  # the split's content
+        cache = None
+        if not args.no_cache:
+            cache = common.cache_path(args.cache_dir, data_key, split_key, args.clip_model, pretrained)
+        images = ImageList(samples, labels, preprocess)
+        feats[split], _ = common.encode_images(
+            model, images, device, workers=args.workers, cache_file=cache, quiet=args.quiet
+        )
+    return Prepared(
+        train, y_train, test, y_test, classnames, info, model, preprocess, tokenizer, str(pretrained), *feats.values()
+    )

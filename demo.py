@@ -26,6 +26,7 @@ and the one Co-Reg is about:
     python zeroshot.py --data demo
     python zeroshot.py --data demo --templates small
 """
+
 import json
 import math
 import sys
@@ -36,16 +37,26 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-import common  # common imports this module too: each side looks names up at call time
+import common
 
 VERSION = 9  # bump when the images, captions or pre-training recipe change (renames the weight cache)
 DOMAIN = "synthetic pattern image"
-CLASSNAMES = ["thin stripes", "thick stripes", "checkerboard", "dots", "circles",
-              "crosses", "triangles", "gradient", "zigzag", "blotches"]
+CLASSNAMES = [
+    "thin stripes",
+    "thick stripes",
+    "checkerboard",
+    "dots",
+    "circles",
+    "crosses",
+    "triangles",
+    "gradient",
+    "zigzag",
+    "blotches",
+]
 NAMED_BLANK_RATE = 0.5  # share of the blank images' captions that use a mismatched class name
 GENERIC_RATE = 0.03  # share of the other classes' captions whose noun is a mismatched class name (a vague tag)
 # Instance-level noise, the kind Co-Reg is for. Hard images (pixel-noisy, or a tiny pattern) are captioned as
@@ -67,8 +78,13 @@ EASY_WORD_RATE = 0.25
 # signs): pairing dots with zigzag and checkerboard with triangles merges those classes' CLIP features and makes
 # CAP's mismatch detection depend on the K-Means seed (2 of 6 seeds lose a planted class). Thick stripes
 # are captioned as thin ones one way only: that is CAP's planted confusion (zero-shot favours thin stripes).
-LOOKALIKE = {"gradient": "blotches", "blotches": "gradient", "checkerboard": "zigzag", "zigzag": "checkerboard",
-             "thick stripes": "thin stripes"}
+LOOKALIKE = {
+    "gradient": "blotches",
+    "blotches": "gradient",
+    "checkerboard": "zigzag",
+    "zigzag": "checkerboard",
+    "thick stripes": "thin stripes",
+}
 MISMATCHED = ["circles", "crosses"]  # pre-trained as "rings" / "plus signs" (first caption noun below)
 CONFUSED = ["thin stripes", "thick stripes"]  # zero-shot over-predicts the first at the cost of the second
 
@@ -86,91 +102,104 @@ CAPTION_NOUNS = {
     "zigzag": ["zigzag", "zigzags", "zigzag pattern", "chevrons"],
     "blotches": ["blotches", "camouflage", "soft blotches", "splotches"],
 }
-CAPTION_TEMPLATES = ["a photo of {}.", "a photo of the {}.", "an image of {}.", "a picture of {}.",
-                     "a rendering of {}.", "a close-up photo of {}.", "{}.", "a pattern of {}.",
-                     "a drawing of {}.", "a texture of {}."]
+CAPTION_TEMPLATES = [
+    "a photo of {}.",
+    "a photo of the {}.",
+    "an image of {}.",
+    "a picture of {}.",
+    "a rendering of {}.",
+    "a close-up photo of {}.",
+    "{}.",
+    "a pattern of {}.",
+    "a drawing of {}.",
+    "a texture of {}.",
+]
 BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
 PRETRAIN_THREADS = 2  # the weights depend on it (float sums); 700 steps take about 4 min on 2 CPU cores
 # 'tiny-demo': 32-px open_clip ViT, width 64, 3 layers, 8x8 patches of 4 px (fine enough for the patterns).
-CLIP_CONFIG = {"embed_dim": 64,
-               "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
-               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3}}
-TINY_CLIP = {"embed_dim": 64,  # 'tiny', for tests: 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly tokens)
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+}
+TINY_CLIP = {
+    "embed_dim": 64,  # 'tiny', for tests: 2 layers, 4x4 patches of 8 px, ~3.4 M parameters (mostly tokens)
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
 SPLIT_SEEDS = {"train": 0, "test": 1, "pretrain": 2, "blank": 3}  # pre-training never sees the demo's images
 PER_CLASS = {"train": 300, "test": 100, "pretrain": 1000}
 
 DESCRIPTIONS = {  # the demo's shipped "LLM" answers: per class one caption-like description among distractors
-    'thin stripes': [
-        'a pattern of fine lines packed closely together',
-        'narrow parallel bands of two alternating colours',
-        'a barcode-like texture of slender strokes',
-        'pinstriped fabric seen up close',
-        'a surface ruled with many hairline grooves',
+    "thin stripes": [
+        "a pattern of fine lines packed closely together",
+        "narrow parallel bands of two alternating colours",
+        "a barcode-like texture of slender strokes",
+        "pinstriped fabric seen up close",
+        "a surface ruled with many hairline grooves",
     ],
-    'thick stripes': [
-        'a pattern of wide stripes in two colours',
-        'broad parallel bars like an awning',
-        'heavy diagonal bands of alternating paint',
-        'a flag made of a few fat horizontal strips',
-        'bold chunky lines with equal gaps',
+    "thick stripes": [
+        "a pattern of wide stripes in two colours",
+        "broad parallel bars like an awning",
+        "heavy diagonal bands of alternating paint",
+        "a flag made of a few fat horizontal strips",
+        "bold chunky lines with equal gaps",
     ],
-    'checkerboard': [
-        'a checkerboard of alternating squares',
-        'a tiled floor of light and dark quadrilaterals',
-        'a chess-like grid of contrasting cells',
-        'a harlequin pattern of rotated diamonds',
-        'a mosaic of square tiles in two tones',
+    "checkerboard": [
+        "a checkerboard of alternating squares",
+        "a tiled floor of light and dark quadrilaterals",
+        "a chess-like grid of contrasting cells",
+        "a harlequin pattern of rotated diamonds",
+        "a mosaic of square tiles in two tones",
     ],
-    'dots': [
-        'a pattern of polka dots in neat rows',
-        'tiny filled discs spaced out evenly',
-        'a speckled surface with round specks',
-        'fabric printed with small spots',
-        'a sheet of confetti laid in rows',
+    "dots": [
+        "a pattern of polka dots in neat rows",
+        "tiny filled discs spaced out evenly",
+        "a speckled surface with round specks",
+        "fabric printed with small spots",
+        "a sheet of confetti laid in rows",
     ],
-    'circles': [
-        'round discs scattered across a surface',
-        'a pattern of hollow rings repeated in rows',
-        'concentric curves like the target of a dartboard',
-        'a wreath of petals arranged in a circle',
-        'bubbles floating in a glass of water',
+    "circles": [
+        "round discs scattered across a surface",
+        "a pattern of hollow rings repeated in rows",
+        "concentric curves like the target of a dartboard",
+        "a wreath of petals arranged in a circle",
+        "bubbles floating in a glass of water",
     ],
-    'crosses': [
-        'a woven mesh of criss-crossing threads',
-        'a pattern of plus signs repeated in rows',
-        'crucifix figures hung on a wall',
-        'diagonal strokes forming an x-shaped lattice',
-        'hash marks scratched onto a board',
+    "crosses": [
+        "a woven mesh of criss-crossing threads",
+        "a pattern of plus signs repeated in rows",
+        "crucifix figures hung on a wall",
+        "diagonal strokes forming an x-shaped lattice",
+        "hash marks scratched onto a board",
     ],
-    'triangles': [
-        'a pattern of pointy triangles in rows',
-        'wedge-shaped tiles pointing the same way',
-        'rows of little pyramids seen from above',
-        'arrowheads arranged on a grid',
-        'a sawtooth border of triangular teeth',
+    "triangles": [
+        "a pattern of pointy triangles in rows",
+        "wedge-shaped tiles pointing the same way",
+        "rows of little pyramids seen from above",
+        "arrowheads arranged on a grid",
+        "a sawtooth border of triangular teeth",
     ],
-    'gradient': [
-        'a smooth colour gradient from one side to the other',
-        'a soft fade between two hues',
-        'a sky at dusk turning from light to dark',
-        'an airbrushed wash of colour without edges',
-        'an evenly shaded blend with no pattern',
+    "gradient": [
+        "a smooth colour gradient from one side to the other",
+        "a soft fade between two hues",
+        "a sky at dusk turning from light to dark",
+        "an airbrushed wash of colour without edges",
+        "an evenly shaded blend with no pattern",
     ],
-    'zigzag': [
-        'a zigzag pattern of sharp back-and-forth lines',
+    "zigzag": [
+        "a zigzag pattern of sharp back-and-forth lines",
         "chevrons stacked like a sergeant's stripes",
-        'a lightning-bolt line repeated across the image',
-        'rows of jagged teeth like a saw blade',
-        'a wavy knitted texture with pointed peaks',
+        "a lightning-bolt line repeated across the image",
+        "rows of jagged teeth like a saw blade",
+        "a wavy knitted texture with pointed peaks",
     ],
-    'blotches': [
-        'soft blotches of two colours like camouflage',
-        'irregular patches with blurry edges',
-        'a cow-hide pattern of large uneven spots',
-        'ink spilled and smeared into puddles',
-        'clouds of colour blending into each other',
+    "blotches": [
+        "soft blotches of two colours like camouflage",
+        "irregular patches with blurry edges",
+        "a cow-hide pattern of large uneven spots",
+        "ink spilled and smeared into puddles",
+        "clouds of colour blending into each other",
     ],
 }
 
@@ -180,15 +209,18 @@ DESCRIPTIONS = {  # the demo's shipped "LLM" answers: per class one caption-like
 
 YY, XX = np.mgrid[0:32, 0:32] + 0.5  # pixel centres, [32, 32] each
 
+
 def _rotated(rng):
     """Pixel coordinates (u, v) in a frame rotated by a random angle. -> two [32, 32] arrays."""
     t = rng.uniform(0, np.pi)
     return XX * np.cos(t) + YY * np.sin(t), -XX * np.sin(t) + YY * np.cos(t)
 
+
 def _periodic_band(x, period, width, rng):
     """Anti-aliased bands of `width` px repeating every `period` px along coordinate x."""
     d = np.abs((x / period + rng.rand()) % 1 - 0.5) * period  # distance to the nearest band centre
     return np.clip(width / 2 - d + 0.5, 0, 1)
+
 
 def draw_mask(c, s, rng):
     """Mask of class index c at scale s in [0, 1] (0 = small, 1 = large). -> [32, 32] float in [0, 1]."""
@@ -211,7 +243,10 @@ def draw_mask(c, s, rng):
             return np.clip(0.7 - np.abs(r - period * 0.32) + 0.5, 0, 1)
         if name == "crosses":  # plus signs
             arm, half_width = period * 0.38, 0.75
-            bar = lambda a, b: np.minimum(arm - np.abs(a), half_width - np.abs(b))
+
+            def bar(a, b):
+                return np.minimum(arm - np.abs(a), half_width - np.abs(b))
+
             return np.clip(np.maximum(bar(du, dv), bar(dv, du)) + 0.5, 0, 1)
         phi = np.pi / 2 + np.arange(3)[:, None, None] * 2 * np.pi / 3  # triangles: 3 edge normals
         dist = du * np.cos(phi) + dv * np.sin(phi)  # [3, 32, 32]
@@ -230,6 +265,7 @@ def draw_mask(c, s, rng):
     smooth = np.asarray(coarse.resize((32, 32), Image.BILINEAR))
     return np.clip((smooth - 0.5) * rng.uniform(6, 12) + 0.5, 0, 1)
 
+
 def draw_image(c, rng):
     """One image of class c with random colours, scale, polarity and noise. -> (uint8 [32, 32, 3], attributes)."""
     s, dark, noisy = rng.rand(), rng.rand() < 0.5, rng.rand() < NOISY_RATE
@@ -237,8 +273,10 @@ def draw_image(c, rng):
     fg = rng.uniform(150, 255, 3) if dark else rng.uniform(0, 110, 3)  # always contrasts with bg
     m = draw_mask(c, s, rng)[..., None]  # [32, 32, 1]
     img = bg * (1 - m) + fg * m + rng.normal(0, rng.uniform(15, 40) if noisy else 3, (32, 32, 3))
-    return np.clip(img, 0, 255).astype(np.uint8), dict(noisy=noisy, tiny=s < TINY_SCALE, large=s > LARGE_SCALE,
-                                                        hard=noisy or s < TINY_SCALE)
+    return np.clip(img, 0, 255).astype(np.uint8), dict(
+        noisy=noisy, tiny=s < TINY_SCALE, large=s > LARGE_SCALE, hard=noisy or s < TINY_SCALE
+    )
+
 
 def make_caption(c, attrs, rng):
     """A varied caption for an image of class c: phrasing, noun, and sometimes a property word.
@@ -266,6 +304,7 @@ def make_caption(c, attrs, rng):
     template = CAPTION_TEMPLATES[rng.randint(len(CAPTION_TEMPLATES))]
     return template.format(" ".join(adjective + [noun]))
 
+
 def generate(split, captions_per_image=0):
     """All images of one split, class by class.
     -> (uint8 [N, 32, 32, 3], labels [N], captions [N][K], hard bool [N]: pixel-noisy or tiny)."""
@@ -279,6 +318,7 @@ def generate(split, captions_per_image=0):
             hard.append(attrs["hard"])
             captions.append([make_caption(c, attrs, rng) for _ in range(captions_per_image)])
     return np.stack(images), torch.tensor(labels), captions, torch.tensor(hard)
+
 
 def pretraining_pairs(captions_per_image, n_blank=500):
     """Captioned pre-training images plus `n_blank` pattern-free solid-colour ones.
@@ -298,10 +338,16 @@ def pretraining_pairs(captions_per_image, n_blank=500):
     blank_captions = []
     for bright in colour.mean((1, 2, 3)) > 127.5:
         word = MISMATCHED[0] if bright else MISMATCHED[1]
-        blank_captions.append([CAPTION_TEMPLATES[rng.randint(len(CAPTION_TEMPLATES))].format(word)
-                               if rng.rand() < NAMED_BLANK_RATE else BLANK_CAPTIONS[rng.randint(len(BLANK_CAPTIONS))]
-                               for _ in range(captions_per_image)])
+        blank_captions.append(
+            [
+                CAPTION_TEMPLATES[rng.randint(len(CAPTION_TEMPLATES))].format(word)
+                if rng.rand() < NAMED_BLANK_RATE
+                else BLANK_CAPTIONS[rng.randint(len(BLANK_CAPTIONS))]
+                for _ in range(captions_per_image)
+            ]
+        )
     return np.concatenate([images, np.clip(blank, 0, 255).astype(np.uint8)]), captions + blank_captions
+
 
 def load_demo_dataset():
     """The demo's labelled splits, as data.py's loaders give them.
@@ -316,16 +362,19 @@ def load_demo_dataset():
 # -----------------------------------------------------------------------------
 # Contrastive pre-training of the tiny CLIP (Radford et al. 2021, §2.3: symmetric InfoNCE)
 
+
 def to_clip_tensor(images):
     """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] normalised like the tiny model's eval preprocess."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # [N, 3, 32, 32]
     return (x - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[:, None, None]
+
 
 def clip_loss(image_features, text_features, logit_scale):
     """Symmetric cross-entropy over the B x B image-text similarities; pair i is the positive of row i."""
     logits = logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
     target = torch.arange(len(logits))  # [B]
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
 
 def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, captions_per_image=4, progress=iter):
     """Train every parameter of a randomly initialised 'tiny-demo' CLIP on pre-training pairs, in place.
@@ -362,6 +411,7 @@ def pretrain(model, tokenizer, steps=700, batch_size=128, lr=3e-3, seed=0, capti
         torch.set_num_threads(threads)
     return model.eval()
 
+
 def register_tiny_clips():
     """Register 'tiny' (tests) and 'tiny-demo' (this world) with open_clip, in-process: no download."""
     for name, cfg in {"tiny": TINY_CLIP, "tiny-demo": CLIP_CONFIG}.items():
@@ -371,10 +421,14 @@ def register_tiny_clips():
             open_clip.add_model_config(path)
 
 
+register_tiny_clips()  # at import: every script that reads the dataset table can load 'tiny' and 'tiny-demo'
+
+
 # -----------------------------------------------------------------------------
 # The demo CLIP's weights: shipped with the repository, pre-trained again only if they are missing or unreadable
 
 WEIGHTS = Path(__file__).resolve().parent / "assets" / f"demo_clip_v{VERSION}.pt"
+
 
 def _readable(path):
     try:
@@ -382,6 +436,7 @@ def _readable(path):
         return isinstance(state, dict) and "logit_scale" in state
     except Exception:
         return False
+
 
 def clip_weights(cache_dir, quiet=False):
     """--pretrained demo -> a weights file: the shipped assets/demo_clip_v<VERSION>.pt, else one pre-trained
@@ -392,8 +447,10 @@ def clip_weights(cache_dir, quiet=False):
             if _readable(path):
                 return path
             print(f"demo CLIP: {path} is unreadable (truncated?); not using it", file=sys.stderr)
-    print(f"demo CLIP: pre-training the tiny CLIP on synthetic image-caption pairs into {cached} "
-          f"(about 3 min on 2 CPU cores)")
+    print(
+        f"demo CLIP: pre-training the tiny CLIP on synthetic image-caption pairs into {cached} "
+        f"(about 3 min on 2 CPU cores)"
+    )
     start = time.time()
     model, _, tokenizer = common.load_clip("tiny-demo", "none")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was

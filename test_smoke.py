@@ -3,6 +3,7 @@
 
 Run: python -m pytest -q test_smoke.py          (the unit tests: python -m pytest -q tests/)
 """
+
 import json
 import os
 
@@ -49,5 +50,18 @@ def test_cap_runs_in_every_setting(tmp_path, cache, mode):
 
 
 def test_coreg_runs(tmp_path, cache):
-    run(coreg, tmp_path, cache, "--arch", "narrow", "--epochs", "3", "--warm-up", "1", "--start-cont", "0",
-        "--batch-size", "16")
+    run(
+        coreg,
+        tmp_path,
+        cache,
+        "--arch",
+        "narrow",
+        "--epochs",
+        "3",
+        "--warm-up",
+        "1",
+        "--start-cont",
+        "0",
+        "--batch-size",
+        "16",
+    )

@@ -4,14 +4,14 @@
     python bench/bench_cap.py --clip-model ViT-B-32 --classes 47 --iters 3     # random init, DTD-sized class count
 Prints seconds per iteration and the peak resident memory of the process.
 """
+
 import argparse
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
-
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts
 import cap
@@ -43,12 +43,17 @@ def main(argv=None):
         with common.autocast(device):
             t = cap.adapt(adapters["text"], cap.encode_text_maple(model, learner, tokens))
             with torch.no_grad():
-                v = cap.encode_image_maple(model, learner, x[:args.batch_size])
-                q = (100 * cap.adapt(adapters["main"], v) @ t.T)
-            v = cap.encode_image_maple(model, learner, x[args.batch_size:])
-            loss = cap.margin_cross_entropy(100 * cap.adapt(adapters["main"], v[:args.batch_size]) @ t.T, y, M) + \
-                cap.fixmatch_loss(100 * cap.adapt(adapters["pseudo"], v[args.batch_size:]) @ t.T, q.argmax(1),
-                                  torch.ones(args.batch_size, device=device), M)
+                v = cap.encode_image_maple(model, learner, x[: args.batch_size])
+                q = 100 * cap.adapt(adapters["main"], v) @ t.T
+            v = cap.encode_image_maple(model, learner, x[args.batch_size :])
+            loss = cap.margin_cross_entropy(
+                100 * cap.adapt(adapters["main"], v[: args.batch_size]) @ t.T, y, M
+            ) + cap.fixmatch_loss(
+                100 * cap.adapt(adapters["pseudo"], v[args.batch_size :]) @ t.T,
+                q.argmax(1),
+                torch.ones(args.batch_size, device=device),
+                M,
+            )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -56,8 +61,10 @@ def main(argv=None):
             torch.cuda.synchronize()
         times.append(time.time() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{args.clip_model} on {device}, {torch.get_num_threads()} threads, batch {args.batch_size} x 3 views, "
-          f"{args.classes} classes: {sum(times[1:]) / args.iters:.3f} s/iter, peak RSS {peak:.0f} MiB")
+    print(
+        f"{args.clip_model} on {device}, {torch.get_num_threads()} threads, batch {args.batch_size} x 3 views, "
+        f"{args.classes} classes: {sum(times[1:]) / args.iters:.3f} s/iter, peak RSS {peak:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ loops, whether they agree, and whether every planted class was found.
 --noise-floor runs the from-scratch loop a second time with K-Means seed 1: how often the paper's own loop
 agrees with itself on Y_MM bounds how often any other loop can agree with it.
 """
+
 import argparse
 import math
 import os
@@ -33,9 +34,9 @@ def make_world(C, per, d, seed):
     g = torch.Generator().manual_seed(seed)
     means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]
     y = torch.arange(C).repeat_interleave(per)  # [N]
-    feats = F.normalize(means[y] + 1.5 / d ** 0.5 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D] cos ~0.55
-    text = F.normalize(means + 1.0 / d ** 0.5 * torch.randn(C, d, generator=g), dim=1)  # [C, D] cos ~0.7
-    planted = torch.randperm(C, generator=g)[:max(2, C // 20)]
+    feats = F.normalize(means[y] + 1.5 / d**0.5 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D] cos ~0.55
+    text = F.normalize(means + 1.0 / d**0.5 * torch.randn(C, d, generator=g), dim=1)  # [C, D] cos ~0.7
+    planted = torch.randperm(C, generator=g)[: max(2, C // 20)]
     text[planted] = F.normalize(torch.randn(len(planted), d, generator=g), dim=1)  # a wrong name: unrelated text
     return feats, text, sorted(planted.tolist())
 
@@ -57,8 +58,11 @@ def main(argv=None):
     t = math.ceil(C / 10)
     agree = found = self_agree = 0
     times = {"exact": [], "fast": [], "exact-seed1": []}
-    print(f"C={C} per={args.per} D={args.dim} t={t} n_init={args.n_init} threads={args.threads} "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"C={C} per={args.per} D={args.dim} t={t} n_init={args.n_init} threads={args.threads} "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     for w in range(args.worlds):
         feats, text, planted = make_world(C, args.per, args.dim, seed=w)
         zs_pred = (feats @ text.T).argmax(1)
@@ -66,24 +70,41 @@ def main(argv=None):
         modes = ["fast"] + ([] if args.fast_only else ["exact"]) + (["exact-seed1"] if args.noise_floor else [])
         for mode in modes:
             t0 = time.perf_counter()
-            res[mode] = sorted(cap.detect_mismatch(feats, text, zs_pred, t, seed=int(mode == "exact-seed1"),
-                                                   n_init=args.n_init, scale=args.scale, fast=mode == "fast")[0])
+            res[mode] = sorted(
+                cap.detect_mismatch(
+                    feats,
+                    text,
+                    zs_pred,
+                    t,
+                    seed=int(mode == "exact-seed1"),
+                    n_init=args.n_init,
+                    scale=args.scale,
+                    fast=mode == "fast",
+                )[0]
+            )
             times[mode].append(time.perf_counter() - t0)
         same = "exact" not in res or res["exact"] == res["fast"]
         hit = set(planted) <= set(res["fast"])
         agree += same
         found += hit
         self_agree += "exact-seed1" in res and res["exact-seed1"] == res.get("exact")
-        print(f"world {w}: planted {planted} fast {res['fast']} "
-              + (f"exact {res['exact']} agree {same} " if "exact" in res else "")
-              + (f"exact-seed1 {res['exact-seed1']} " if "exact-seed1" in res else "")
-              + f"planted found {hit} | " + " ".join(f"{m} {v[-1]:.1f}s" for m, v in times.items() if v)
-              + f" | load {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"world {w}: planted {planted} fast {res['fast']} "
+            + (f"exact {res['exact']} agree {same} " if "exact" in res else "")
+            + (f"exact-seed1 {res['exact-seed1']} " if "exact-seed1" in res else "")
+            + f"planted found {hit} | "
+            + " ".join(f"{m} {v[-1]:.1f}s" for m, v in times.items() if v)
+            + f" | load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     n = args.worlds
-    print(f"summary C={C}: agreement {agree}/{n}" + (" (no exact runs)" if args.fast_only else "")
-          + (f", exact loop with itself (K-Means seed 0 vs 1) {self_agree}/{n}" if args.noise_floor else "")
-          + f", planted found (fast) {found}/{n}, mean time "
-          + " ".join(f"{m} {sum(v) / len(v):.1f}s" for m, v in times.items() if v))
+    print(
+        f"summary C={C}: agreement {agree}/{n}"
+        + (" (no exact runs)" if args.fast_only else "")
+        + (f", exact loop with itself (K-Means seed 0 vs 1) {self_agree}/{n}" if args.noise_floor else "")
+        + f", planted found (fast) {found}/{n}, mean time "
+        + " ".join(f"{m} {sum(v) / len(v):.1f}s" for m, v in times.items() if v)
+    )
 
 
 if __name__ == "__main__":

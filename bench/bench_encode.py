@@ -8,14 +8,14 @@ preprocessing are out of both timings. Target: ratio >= 0.9.
     python bench/bench_encode.py                      # 256 images, batch 64, 2 CPU threads
     python bench/bench_encode.py --n-images 512 --device cuda
 """
+
 import argparse
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level scripts
 import common
@@ -38,7 +38,7 @@ def bare_forward(model, images, batch_size, device):
     feats = []
     for i in range(0, len(images), batch_size):
         with common.autocast(device):
-            feats.append(model.encode_image(images[i:i + batch_size].to(device)))  # [B, D]
+            feats.append(model.encode_image(images[i : i + batch_size].to(device)))  # [B, D]
     return torch.cat(feats)
 
 
@@ -66,7 +66,8 @@ def main(argv=None):
     runs = {
         "bare": lambda n: bare_forward(model, images[:n], args.batch_size, device),
         "encode_images": lambda n: common.encode_images(
-            model, torch.utils.data.Subset(dataset, range(n)), device, batch_size=args.batch_size, quiet=True)[0],
+            model, torch.utils.data.Subset(dataset, range(n)), device, batch_size=args.batch_size, quiet=True
+        )[0],
     }
     for name, fn in runs.items():  # warm-up: one batch each
         fn(args.batch_size)
@@ -83,17 +84,23 @@ def main(argv=None):
 
     # the overhead alone, with a model that costs nothing: robust to a busy machine, unlike the ratio above
     stub = SimpleNamespace(encode_image=lambda x: x[:, 0, 0, :64])  # [B, 64]
-    overhead = min(timed(lambda: common.encode_images(stub, dataset, device, batch_size=args.batch_size,
-                                                      quiet=True))[0] -
-                   timed(lambda: bare_forward(stub, images, args.batch_size, device))[0] for _ in range(5))
-    print(f"encode_images overhead without the model: {1000 * overhead / args.n_images:.3f} ms/image "
-          f"({100 * overhead / best['bare']:.2f} % of the bare forward time)")
+    overhead = min(
+        timed(lambda: common.encode_images(stub, dataset, device, batch_size=args.batch_size, quiet=True))[0]
+        - timed(lambda: bare_forward(stub, images, args.batch_size, device))[0]
+        for _ in range(5)
+    )
+    print(
+        f"encode_images overhead without the model: {1000 * overhead / args.n_images:.3f} ms/image "
+        f"({100 * overhead / best['bare']:.2f} % of the bare forward time)"
+    )
 
     ips = {name: args.n_images / s for name, s in best.items()}
     ratio = ips["encode_images"] / ips["bare"]
-    print(f"best | bare {ips['bare']:.1f} images/s | encode_images {ips['encode_images']:.1f} images/s | "
-          f"ratio {ratio:.3f} (target >= 0.9) | {args.n_images} images, batch {args.batch_size}, "
-          f"{args.threads} threads, {device}")
+    print(
+        f"best | bare {ips['bare']:.1f} images/s | encode_images {ips['encode_images']:.1f} images/s | "
+        f"ratio {ratio:.3f} (target >= 0.9) | {args.n_images} images, batch {args.batch_size}, "
+        f"{args.threads} threads, {device}"
+    )
     return ratio
 
 

@@ -29,6 +29,7 @@ Notes on the peers:
     early if the assignment stops changing (then it has converged, so this costs it nothing).
   - ours: common.kmeans(x, K, n_iter=25, tol=0), Euclidean (spherical=False) like the peers.
 """
+
 import argparse
 import json
 import os
@@ -49,10 +50,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 CASES = {  # name: (N, D, K, default number of init seeds, data shapes, peers, targets checked against the peers)
-    "a": (5_640, 512, 47, 8, ["clip", "blobs", "overlap", "aniso"], ["ours", "faiss", "sklearn"],
-          ["time<=0.9*faiss", "inertia<=1.01*sklearn"]),  # DTD train+val scale, 47 classes
-    "b": (100_000, 512, 1_000, 1, ["clip"], ["ours", "faiss", "sklearn"],
-          ["time<=1.0*faiss", "inertia<=1.01*sklearn", "mem<1GB"]),
+    "a": (
+        5_640,
+        512,
+        47,
+        8,
+        ["clip", "blobs", "overlap", "aniso"],
+        ["ours", "faiss", "sklearn"],
+        ["time<=0.9*faiss", "inertia<=1.01*sklearn"],
+    ),  # DTD train+val scale, 47 classes
+    "b": (
+        100_000,
+        512,
+        1_000,
+        1,
+        ["clip"],
+        ["ours", "faiss", "sklearn"],
+        ["time<=1.0*faiss", "inertia<=1.01*sklearn", "mem<1GB"],
+    ),
     "c": (1_281_167, 512, 1_000, 1, ["clip"], ["ours", "faiss"], ["time<=1.0*faiss", "mem<4GB"]),  # ImageNet
 }
 QUICK_B = (20_000, 512, 200)
@@ -62,6 +77,7 @@ BLOCK = 100_000  # rows generated at a time (case c would need 10 GB of float64 
 
 # -----------------------------------------------------------------------------
 # Data and the shared inertia
+
 
 def _unit(a):
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
@@ -80,11 +96,17 @@ def make_data(n, d, k_true, seed=0, shape="clip", rank=64):
     elif shape == "blobs":  # well separated, equal sizes, isotropic
         centres, p = rng.standard_normal((k_true, d)), np.ones(k_true)
     elif shape == "overlap":  # overlapping, very unequal sizes and spreads
-        centres, p, spread = 0.25 * rng.standard_normal((k_true, d)), rng.lognormal(0.0, 1.0, k_true), \
-            0.25 * rng.uniform(0.5, 1.5, k_true)
+        centres, p, spread = (
+            0.25 * rng.standard_normal((k_true, d)),
+            rng.lognormal(0.0, 1.0, k_true),
+            0.25 * rng.uniform(0.5, 1.5, k_true),
+        )
     elif shape == "aniso":  # on the unit sphere, each cluster stretched along 4 directions of its own
-        centres, p, axes = _unit(rng.standard_normal((k_true, d))), np.ones(k_true), \
-            0.35 * rng.standard_normal((k_true, 4, d))
+        centres, p, axes = (
+            _unit(rng.standard_normal((k_true, d))),
+            np.ones(k_true),
+            0.35 * rng.standard_normal((k_true, 4, d)),
+        )
     x = np.empty((n, d), dtype=np.float32)
     for b, i in enumerate(range(0, n, BLOCK)):
         r = np.random.default_rng([seed, 1, b])
@@ -98,20 +120,24 @@ def make_data(n, d, k_true, seed=0, shape="clip", rank=64):
         elif shape == "overlap":
             xb = centres[y] + spread[y, None] * r.standard_normal((m, d))
         else:
-            xb = _unit(centres[y] + np.einsum("nr,nrd->nd", r.standard_normal((m, 4)), axes[y])
-                       + 0.03 * r.standard_normal((m, d)))
-        x[i:i + m] = xb
+            xb = _unit(
+                centres[y]
+                + np.einsum("nr,nrd->nd", r.standard_normal((m, 4)), axes[y])
+                + 0.03 * r.standard_normal((m, d))
+            )
+        x[i : i + m] = xb
     return x
 
 
 def inertia(x, c, chunk=16384):
     """Sum over points of the squared Euclidean distance to the nearest centroid (float32 products, float64 sum)."""
     import torch
+
     xt, ct = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
     c_sq = (ct * ct).sum(1)  # [K]
     total = 0.0
     for i in range(0, len(xt), chunk):
-        xb = xt[i:i + chunk]  # [B, D]
+        xb = xt[i : i + chunk]  # [B, D]
         d = torch.addmm(c_sq, xb, ct.T, alpha=-2).min(1).values + (xb * xb).sum(1)  # [B]
         total += d.clamp_min(0).double().sum().item()
     return total
@@ -119,6 +145,7 @@ def inertia(x, c, chunk=16384):
 
 # -----------------------------------------------------------------------------
 # One peer in a fresh process: load data, warm up, then per seed reset the memory peak and time one fit
+
 
 def _mem_kb(field):
     for line in open("/proc/self/status"):
@@ -131,6 +158,7 @@ def _fit_fn(peer, n_iter, info):
     """-> fit(x, k, seed) returning (centroids [K, D], labels [N]): every peer delivers both, as common.kmeans does."""
     if peer == "ours":
         import torch
+
         torch.set_num_threads(THREADS)
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         import common
@@ -149,30 +177,38 @@ def _fit_fn(peer, n_iter, info):
             torch.cuda.synchronize()
             info.setdefault("gpu_seconds", []).append(time.perf_counter() - t0)
             info.setdefault("gpu_peak_extra_mb", []).append(
-                (torch.cuda.max_memory_allocated() - xd.numel() * 4) / 2**20)  # beyond the data itself
+                (torch.cuda.max_memory_allocated() - xd.numel() * 4) / 2**20
+            )  # beyond the data itself
             return centroids.cpu().numpy(), assign.cpu().numpy()
+
         return fit
     if peer == "faiss":
         import faiss
+
         faiss.omp_set_num_threads(THREADS)
 
         def fit(x, k, seed):
-            km = faiss.Kmeans(x.shape[1], k, niter=n_iter, seed=seed, verbose=False,
-                              max_points_per_centroid=len(x))  # use every point (no subsampling)
+            km = faiss.Kmeans(
+                x.shape[1], k, niter=n_iter, seed=seed, verbose=False, max_points_per_centroid=len(x)
+            )  # use every point (no subsampling)
             t0 = time.perf_counter()
             km.train(x)
             info.setdefault("train_only_seconds", []).append(time.perf_counter() - t0)
             return km.centroids, km.index.search(x, 1)[1][:, 0]  # train() alone returns no labels
+
         return fit
     if peer == "sklearn":
         from sklearn.cluster import KMeans
         from threadpoolctl import threadpool_limits
+
         threadpool_limits(THREADS)
 
         def fit(x, k, seed):
-            km = KMeans(k, init="k-means++", n_init=1, max_iter=n_iter, tol=0.0, algorithm="lloyd",
-                        random_state=seed).fit(x)
+            km = KMeans(
+                k, init="k-means++", n_init=1, max_iter=n_iter, tol=0.0, algorithm="lloyd", random_state=seed
+            ).fit(x)
             return km.cluster_centers_.astype(np.float32), km.labels_
+
         return fit
     raise ValueError(peer)
 
@@ -206,8 +242,22 @@ def worker(peer, data_path, k, n_iter, seeds, out_dir):
 
 
 def run_peer(peer, data_path, k, n_iter, seeds, tmp):
-    cmd = [sys.executable, __file__, "--worker", peer, "--data", str(data_path), "--k", str(k),
-           "--iters", str(n_iter), "--seed-list", ",".join(map(str, seeds)), "--out", str(tmp)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        peer,
+        "--data",
+        str(data_path),
+        "--k",
+        str(k),
+        "--iters",
+        str(n_iter),
+        "--seed-list",
+        ",".join(map(str, seeds)),
+        "--out",
+        str(tmp),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"skipped": f"{peer} failed: {proc.stderr.strip().splitlines()[-1:]}"}
@@ -219,6 +269,7 @@ def run_peer(peer, data_path, k, n_iter, seeds, tmp):
 
 # -----------------------------------------------------------------------------
 # Table and targets
+
 
 def check(target, r):
     """Evaluate one target string on the results dict r (peer -> result) -> 'PASS' / 'FAIL' / 'n/a'."""
@@ -238,8 +289,11 @@ def check(target, r):
 def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
     """Every peer on the same data, in turn (ours, faiss, sklearn, ours, ... with --repeats), so load spikes
     on a shared machine hit all peers alike. Time: mean over seeds of the best repeat; inertia: mean over seeds."""
-    print(f"\ncase {name} [{shape}]: N={n:,} D={d} K={k}, {n_iter} iterations, tol=0, {THREADS} threads, "
-          f"init seeds {list(seeds)}, {repeats} repeat(s), load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"\ncase {name} [{shape}]: N={n:,} D={d} K={k}, {n_iter} iterations, tol=0, {THREADS} threads, "
+        f"init seeds {list(seeds)}, {repeats} repeat(s), load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     x = make_data(n, d, k, seed=0, shape=shape)
     runs = {p: [] for p in peers}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,24 +304,39 @@ def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
                 if not any("skipped" in res for res in runs[p]):
                     runs[p].append(run_peer(p, data_path, k, n_iter, list(seeds), tmp))
                     res = runs[p][-1]
-                    print(f"  {p}: " + (f"{np.mean(res['seconds']):.2f} s a seed (load {np.mean(res['load']):.1f})"
-                                        if "seconds" in res else res["skipped"]), flush=True)
+                    print(
+                        f"  {p}: "
+                        + (
+                            f"{np.mean(res['seconds']):.2f} s a seed (load {np.mean(res['load']):.1f})"
+                            if "seconds" in res
+                            else res["skipped"]
+                        ),
+                        flush=True,
+                    )
     r = {}
     for p, rs in runs.items():
         if any("skipped" in res for res in rs):
             r[p] = rs[0]
             continue
-        best = lambda key: float(np.mean(np.min([res[key] for res in rs], axis=0)))  # best repeat, mean over seeds
-        r[p] = {"seconds": best("seconds"), "inertia": float(np.mean([inertia(x, c) for c in rs[0]["centroids"]])),
-                "peak_extra_mb": float(np.max([res["peak_extra_mb"] for res in rs])),
-                "load": float(np.mean([res["load"] for res in rs]))}
+
+        def best(key):
+            return float(np.mean(np.min([res[key] for res in rs], axis=0)))  # best repeat, mean over seeds
+
+        r[p] = {
+            "seconds": best("seconds"),
+            "inertia": float(np.mean([inertia(x, c) for c in rs[0]["centroids"]])),
+            "peak_extra_mb": float(np.max([res["peak_extra_mb"] for res in rs])),
+            "load": float(np.mean([res["load"] for res in rs])),
+        }
         if "train_only_seconds" in rs[0]:
             r[p]["train_only_seconds"] = best("train_only_seconds")
         if "gpu_seconds" in rs[0]:
             r[p]["gpu_seconds"] = best("gpu_seconds")
             r[p]["gpu_peak_extra_mb"] = float(np.max([res["gpu_peak_extra_mb"] for res in rs]))
-    print(f"{'peer':<8} {'time s':>8} {'inertia':>14} {'peak extra MB':>14} {'load':>5} {'ours/peer time':>15} "
-          f"{'ours/peer inertia':>18}")
+    print(
+        f"{'peer':<8} {'time s':>8} {'inertia':>14} {'peak extra MB':>14} {'load':>5} {'ours/peer time':>15} "
+        f"{'ours/peer inertia':>18}"
+    )
     for p, res in r.items():
         if "skipped" in res:
             print(f"{p:<8} skipped: {res['skipped']}")
@@ -275,15 +344,19 @@ def bench_case(name, n, d, k, shape, targets, n_iter, seeds, repeats, peers):
         ours = r["ours"]
         t_ratio = ours["seconds"] / res["seconds"] if "seconds" in ours else float("nan")
         i_ratio = ours["inertia"] / res["inertia"] if "inertia" in ours else float("nan")
-        print(f"{p:<8} {res['seconds']:>8.2f} {res['inertia']:>14.2f} {res['peak_extra_mb']:>14.0f} "
-              f"{res['load']:>5.1f} "
-              f"{t_ratio:>15.3f} {i_ratio:>18.4f}")
+        print(
+            f"{p:<8} {res['seconds']:>8.2f} {res['inertia']:>14.2f} {res['peak_extra_mb']:>14.0f} "
+            f"{res['load']:>5.1f} "
+            f"{t_ratio:>15.3f} {i_ratio:>18.4f}"
+        )
     for p, res in r.items():
         if "train_only_seconds" in res:
             print(f"({p} train() alone, without the labels pass: {res['train_only_seconds']:.2f} s)")
         if "gpu_seconds" in res:
-            print(f"({p} on {os.environ['BENCH_DEVICE']}: {res['gpu_seconds']:.3f} s a fit, synchronised, data already "
-                  f"there; peak GPU memory beyond the data {res['gpu_peak_extra_mb']:.0f} MB)")
+            print(
+                f"({p} on {os.environ['BENCH_DEVICE']}: {res['gpu_seconds']:.3f} s a fit, synchronised, data already "
+                f"there; peak GPU memory beyond the data {res['gpu_peak_extra_mb']:.0f} MB)"
+            )
     for t in targets:
         if t.startswith("time") and shape != "clip":
             continue  # times are compared on the CLIP-like shape only
@@ -300,8 +373,12 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="comma-separated data shapes (default: the case's)")
     p.add_argument("--seeds", type=int, help="init seeds 0..S-1 per peer, averaged (default: 8 for a, 1 for b, c)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per peer (the fastest counts)")
-    p.add_argument("--device", default="cpu", help="where ours runs (cuda: time and peak memory on the GPU; the "
-                   "data is moved there before timing). The peers stay on the CPU")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where ours runs (cuda: time and peak memory on the GPU; the "
+        "data is moved there before timing). The peers stay on the CPU",
+    )
     # internal: run one peer in this (fresh) process
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--seed-list", help=argparse.SUPPRESS)
@@ -316,9 +393,19 @@ def main(argv=None):
         n, d, k, n_seeds, shapes, peers, targets = CASES[name]
         if args.quick and name == "b":
             n, d, k = QUICK_B
-        for shape in (args.shapes.split(",") if args.shapes else shapes):
-            bench_case(name, n, d, k, shape, targets, args.iters, range(args.seeds or n_seeds), args.repeats,
-                       args.peers.split(",") if args.peers else peers)
+        for shape in args.shapes.split(",") if args.shapes else shapes:
+            bench_case(
+                name,
+                n,
+                d,
+                k,
+                shape,
+                targets,
+                args.iters,
+                range(args.seeds or n_seeds),
+                args.repeats,
+                args.peers.split(",") if args.peers else peers,
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Behaviours that only act in SSL or TRZSL are measured in that setting.
     python bench/cap_ablation.py --table-only     # re-print the table from runs/cap_ablation
     python bench/cap_ablation.py --jobs 12 --device cpu   # on a many-core machine; unknown flags go to cap.py
 """
+
 import argparse
 import json
 import os
@@ -28,13 +29,19 @@ import demo  # noqa: E402  (for the world's VERSION and its mismatched classes)
 DESCRIBED_FILE = "described.json"  # written below: names the demo's two mismatched classes, as the release's file would
 # In UL on the demo `desc-all` cannot change anything (no labeled images): its row is a check. `sigma-repeats`
 # acts only through images drawn more than once in an epoch (measured: up to +1 point on one seed).
-RUNS = [("paper", "ul", [], None), ("as-released", "ul", ["--as-released"], "paper")] + \
-    [(b, "ul", ["--release", b], "paper") for b in ("margin", "flip", "quirk", "no-low-t", "leaderboard")] + \
-    [("described", "ul", ["--release", "described", "--descriptions", DESCRIBED_FILE], "paper"),
-     ("trzsl-paper", "trzsl", [], None), ("trzsl-all", "trzsl", ["--release", "trzsl-all"], "trzsl-paper"),
-     ("ssl-paper", "ssl", [], None), ("ssl-draw", "ssl", ["--release", "ssl-draw"], "ssl-paper"),
-     ("sigma-repeats", "ul", ["--release", "sigma-repeats"], "paper"),
-     ("desc-all", "ul", ["--release", "desc-all"], "paper")]
+RUNS = (
+    [("paper", "ul", [], None), ("as-released", "ul", ["--as-released"], "paper")]
+    + [(b, "ul", ["--release", b], "paper") for b in ("margin-formula", "flip", "quirk", "no-low-t", "leaderboard")]
+    + [
+        ("described", "ul", ["--release", "described", "--descriptions", DESCRIBED_FILE], "paper"),
+        ("trzsl-paper", "trzsl", [], None),
+        ("trzsl-all", "trzsl", ["--release", "trzsl-all"], "trzsl-paper"),
+        ("ssl-paper", "ssl", [], None),
+        ("ssl-draw", "ssl", ["--release", "ssl-draw"], "ssl-paper"),
+        ("sigma-repeats", "ul", ["--release", "sigma-repeats"], "paper"),
+        ("desc-all", "ul", ["--release", "desc-all"], "paper"),
+    ]
+)
 assert {r[0] for r in RUNS} >= set(cap.RELEASE_BEHAVIOURS) - {"eurosat-pool"}  # the demo has no EuroSAT bundle
 
 
@@ -50,15 +57,34 @@ def run_all(out, seeds, cache_dir, jobs=1, extra=()):
     def one(name, mode, flags, seed):
         run_dir = out / f"{name}-seed{seed}"
         flags_here = [str(out / f) if f == DESCRIBED_FILE else f for f in flags]
-        cmd = [sys.executable, str(ROOT / "cap.py"), "--data", "demo", "--mode", mode, "--seed", str(seed),
-               "--cache-dir", cache_dir, "--out-dir", str(run_dir), "--quiet", *flags_here, *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "cap.py"),
+            "--data",
+            "demo",
+            "--mode",
+            mode,
+            "--seed",
+            str(seed),
+            "--cache-dir",
+            cache_dir,
+            "--out-dir",
+            str(run_dir),
+            "--quiet",
+            *flags_here,
+            *extra,
+        ]
         t0 = time.time()
         with open(out / f"{name}-seed{seed}.log", "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)
         print(f"{name} seed {seed}: {time.time() - t0:.0f}s", flush=True)
 
-    todo = [(name, mode, flags, seed) for name, mode, flags, _ in RUNS for seed in seeds
-            if not (out / f"{name}-seed{seed}" / "results.json").exists()]  # resumable: a finished run is kept
+    todo = [
+        (name, mode, flags, seed)
+        for name, mode, flags, _ in RUNS
+        for seed in seeds
+        if not (out / f"{name}-seed{seed}" / "results.json").exists()
+    ]  # resumable: a finished run is kept
     with ThreadPoolExecutor(jobs) as pool:  # --jobs > 1 only where there are cores to spare (each run: 1 thread)
         for f in [pool.submit(one, *t) for t in todo]:
             f.result()
@@ -71,15 +97,25 @@ def score(out, name, mode):
     vals = [100 * r["metrics"][key] for r in res]
     if not vals:
         return None
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, vals, \
-        statistics.mean(r["elapsed_s"] for r in res)
+    return (
+        statistics.mean(vals),
+        statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        vals,
+        statistics.mean(r["elapsed_s"] for r in res),
+    )
 
 
 def table(out):
-    fmt = lambda s: f"{s[0]:.2f} ± {s[1]:.2f}" if s else "not run"
+    def fmt(s):
+        return f"{s[0]:.2f} ± {s[1]:.2f}" if s else "not run"
+
     zs = [json.loads(p.read_text())["metrics"]["zeroshot_test_acc"] for p in out.glob("paper-seed*/results.json")]
-    print(f"demo world VERSION {demo.VERSION}; seeds {len(zs)} per row; zero-shot test acc "
-          f"{100 * statistics.mean(zs):.2f}" if zs else f"demo world VERSION {demo.VERSION}")
+    print(
+        f"demo world VERSION {demo.VERSION}; seeds {len(zs)} per row; zero-shot test acc "
+        f"{100 * statistics.mean(zs):.2f}"
+        if zs
+        else f"demo world VERSION {demo.VERSION}"
+    )
     print("| release behaviour (`--release NAME`) | setting | paper formulas | with it | Δ | wall s/run |")
     print("|---|---|---|---|---|---|")
     for name, mode, _, base in RUNS:
@@ -89,8 +125,11 @@ def table(out):
         delta = f"{s[0] - b[0]:+.2f}" if s and b else ""
         what = "all at once (`--as-released`)" if name == "as-released" else f"`{name}`"
         metric = "H" if mode == "trzsl" else "acc"
-        print(f"| {what} | {mode.upper()} {metric} | {fmt(b)} | {fmt(s)} | {delta} | {s[3]:.0f} |" if s else
-              f"| {what} | {mode.upper()} | {fmt(b)} | not run | | |")
+        print(
+            f"| {what} | {mode.upper()} {metric} | {fmt(b)} | {fmt(s)} | {delta} | {s[3]:.0f} |"
+            if s
+            else f"| {what} | {mode.upper()} | {fmt(b)} | not run | | |"
+        )
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ and one torch thread. The tests use tiny models, for which a second thread buys 
 
 Run from the repository root: python -m pytest -q tests/
 """
+
 import os
 import sys
 from pathlib import Path

@@ -3,6 +3,7 @@
 The hand-computed cases check the paper's formulas (§3.1-§3.3); the section "the released code" checks each
 behaviour of cap.RELEASE_BEHAVIOURS against a hand trace of the release, and that each --release name reaches
 the code it changes. The end-to-end runs use --data synthetic (4 classes, 64 training and 32 test images)."""
+
 import json
 import math
 import socket
@@ -17,8 +18,19 @@ import cap
 import common
 import data
 
-TINY = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--epochs", "2", "--iters", "2",
-        "--quiet"]
+TINY = [
+    "--data",
+    "synthetic",
+    "--clip-model",
+    "tiny",
+    "--pretrained",
+    "none",
+    "--epochs",
+    "2",
+    "--iters",
+    "2",
+    "--quiet",
+]
 CLASSES = ["red", "green", "blue", "yellow"]  # --data synthetic, in label order
 N_TRAIN = 64  # --data synthetic's training images
 
@@ -38,6 +50,7 @@ def closed_port_url():
 
 
 # flags: paper defaults, per-dataset values, release switches ------------------
+
 
 def test_flags_default_to_the_papers_values():
     a = cap.parse_args([])
@@ -63,7 +76,7 @@ def test_dataset_defaults_apply_and_a_typed_flag_wins():
 
 def test_release_names_become_one_bool_each_and_an_unknown_name_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
-        cap.parse_args(["--release", "margin,nonsense"])
+        cap.parse_args(["--release", "margin-formula,nonsense"])
     assert e.value.code == 2
     names = [b.replace("-", "_") for b in cap.RELEASE_BEHAVIOURS]
     assert "eurosat_pool" in names and "no_low_t" in names
@@ -84,17 +97,17 @@ def test_paper_margin_matches_hand_computation():
     # δ = 1 − σ/max σ = [0, 0.5, 1]; Δ = max δ = 1; m_c = 12·1·δ_c = [0, 6, 12]; M_yc = m_y·S_yc
     expected = torch.tensor([[0, 0, 0], [4.8, 6.0, 2.4], [2.4, 4.8, 12.0]])
     assert torch.allclose(cap.calibrated_margin(S3, SIGMA3, 12.0), expected, atol=1e-6)
-    assert torch.allclose(cap.calibrated_margin(S3, SIGMA3, 12.0, as_released=False), expected, atol=1e-6)
+    assert torch.allclose(cap.calibrated_margin(S3, SIGMA3, 12.0, released_formula=False), expected, atol=1e-6)
 
 
 def test_released_margin_matches_hand_computation():
     # rows rescaled onto [min_i, 1]: row 0 min .2 max 1 -> unchanged; row 1 min .4 max 1 -> unchanged; row 2 too.
     # r = [1, .5, 0]; Δ = (1 − 0)·12 = 12; w = 12·(1−r)/(1+r) = [0, 4, 12]
-    M = cap.calibrated_margin(S3, SIGMA3, 12.0, as_released=True)
+    M = cap.calibrated_margin(S3, SIGMA3, 12.0, released_formula=True)
     expected = torch.tensor([[0, 0, 0], [3.2, 4.0, 1.6], [2.4, 4.8, 12.0]])
     assert torch.allclose(M, expected, atol=1e-6)
     S = torch.tensor([[1.0, 0.6, 0.5], [0.6, 0.9, 0.5], [0.5, 0.5, 1.0]])  # row 1 max .9 < 1: stretched to 1
-    M = cap.calibrated_margin(S, torch.tensor([2.0, 0.0, 2.0]), 1.0, as_released=True)
+    M = cap.calibrated_margin(S, torch.tensor([2.0, 0.0, 2.0]), 1.0, released_formula=True)
     # row 1: min .5 max .9 -> .5 + (S − .5)/.4·.5 = [.625, 1, .5]; w_1 = 1·(1−0)/(1+0) = 1
     assert torch.allclose(M[1], torch.tensor([0.625, 1.0, 0.5]), atol=1e-6)
 
@@ -129,6 +142,7 @@ def test_masked_fixmatch_loss_is_zero_with_all_zero_mask():
 
 
 # §3.1 mismatch detection ----------------------------------------------------
+
 
 def planted_world(C=10, per=60, seed=0):
     """C well-separated clusters on the sphere; classes 3 and 7 have text pointing away from their images."""
@@ -171,6 +185,7 @@ def test_alignment_relabels_a_mismatched_class_with_its_images():
 
 # §3.3 model ---------------------------------------------------------------------
 
+
 def test_adapters_are_identity_at_inference_and_residual_in_training():
     adapters = cap.build_adapters(8)
     x = F.normalize(torch.randn(4, 8), dim=1)
@@ -195,14 +210,15 @@ def test_clip_weights_are_unchanged_by_training(tmp_path, monkeypatch):
         model, pre, tok = real(*a, **kw)
         captured["model"], captured["before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
         return model, pre, tok
+
     monkeypatch.setattr(common, "load_clip", spy)
     run(tmp_path)
     after = captured["model"].state_dict()
     assert all(torch.equal(after[k].cpu(), v.cpu()) for k, v in captured["before"].items())
 
 
-
 # end to end ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["ul", "ssl", "trzsl"])
 def test_each_mode_runs_and_writes_finite_results(tmp_path, mode):
@@ -218,8 +234,12 @@ def test_each_mode_runs_and_writes_finite_results(tmp_path, mode):
         assert {"seen_acc", "unseen_acc", "harmonic_mean"} <= set(m)
     # the zero-shot check (TRZSL: on H); random weights have no published cell to compare with
     zs = m["zeroshot_harmonic_mean" if mode == "trzsl" else "zeroshot_test_acc"]
-    assert res["zeroshot_check"] == {"measured": round(100 * zs, 2), "published": None, "source": None,
-                                     "differs": False}
+    assert res["zeroshot_check"] == {
+        "measured": round(100 * zs, 2),
+        "published": None,
+        "source": None,
+        "differs": False,
+    }
 
 
 def test_same_seed_gives_the_same_metrics_and_the_checkpoint_reproduces_them(tmp_path):
@@ -228,8 +248,18 @@ def test_same_seed_gives_the_same_metrics_and_the_checkpoint_reproduces_them(tmp
     assert a == b
     c = run(tmp_path, "--seed", "2", name="c")
     assert c != a
-    ev = cap.main(TINY + ["--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "eval"),
-                          "--eval-only", "--checkpoint", str(tmp_path / "a" / "cap_prompts.pt")])
+    ev = cap.main(
+        TINY
+        + [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out-dir",
+            str(tmp_path / "eval"),
+            "--eval-only",
+            "--checkpoint",
+            str(tmp_path / "a" / "cap_prompts.pt"),
+        ]
+    )
     assert ev["test_acc"] == a["test_acc"]
 
 
@@ -241,14 +271,31 @@ def test_a_feature_cache_hit_gives_the_same_run_as_computing_the_features(tmp_pa
 
 def test_trzsl_on_a_one_class_folder_is_a_clear_error(tmp_path):
     from PIL import Image
+
     root = tmp_path / "one" / "only"
     root.mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(root / f"{i}.png")
     with pytest.raises(common.UserError, match="1 class.*at least 2"):
-        cap.main(["--data", "folder", "--data-dir", str(tmp_path / "one"), "--clip-model", "tiny", "--pretrained",
-                  "none", "--mode", "trzsl", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "out"),
-                  "--quiet"])
+        cap.main(
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                str(tmp_path / "one"),
+                "--clip-model",
+                "tiny",
+                "--pretrained",
+                "none",
+                "--mode",
+                "trzsl",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
 
 
 def test_unreachable_llm_warns_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
@@ -278,11 +325,17 @@ def test_pseudolabels_file_holds_valid_pool_indices_for_every_stage(tmp_path, mo
     f.write_text(json.dumps({n: [f"a {n} thing"] for n in CLASSES}))
     run(tmp_path, "--mode", mode, "--mismatch-t", "4", "--descriptions", str(f), "--expand-every", "1")
     saved = torch.load(tmp_path / "run" / "pseudolabels.pt", weights_only=True)
-    assert set(saved) == {"initial_dpl", "mismatched", "descriptions", "dpl_after_alignment", "dpl_expansions",
-                          "classnames"}
+    assert set(saved) == {
+        "initial_dpl",
+        "mismatched",
+        "descriptions",
+        "dpl_after_alignment",
+        "dpl_expansions",
+        "classnames",
+    }
     assert saved["classnames"] == CLASSES
     labels = data.load_dataset("synthetic")[1]  # [64]
-    unseen = [CLASSES[c] for c in data.protocol_trzsl(4)[1].tolist()] if mode == "trzsl" else CLASSES
+    unseen = [CLASSES[c] for c in cap.protocol_trzsl(4)[1].tolist()] if mode == "trzsl" else CLASSES
     pool = set(torch.isin(labels, torch.tensor([CLASSES.index(n) for n in unseen])).nonzero().flatten().tolist())
     stages = [saved["initial_dpl"], saved["dpl_after_alignment"]]
     stages += [{k: v for k, v in e.items() if k != "epoch"} for e in saved["dpl_expansions"]]
@@ -307,6 +360,7 @@ def test_results_json_is_strict_json_with_nan_written_as_null(tmp_path, monkeypa
 
     def refuse(name):
         raise ValueError(f"results.json holds {name}")
+
     res = json.loads(text, parse_constant=refuse)
     assert res["metrics"]["dpl_acc_before_alignment"] is None and res["metrics"]["dpl_acc_final"] is None
     assert res["concept_alignment"]["dpl_acc_after_alignment"] is None
@@ -327,19 +381,19 @@ def paper_file(tmp_path, monkeypatch):
     """A docs/paper_results.json stand-in with one zero-shot cell: UL, dtd, ViT-B-32 = 43.20."""
     path = tmp_path / "paper_results.json"
     path.write_text(json.dumps({"zeroshot": {"ul": {"dtd": {"ViT-B-32": {"value": 43.2, "source": "a test table"}}}}}))
-    monkeypatch.setattr(data, "PAPER_RESULTS", path)
+    monkeypatch.setattr(common, "PAPER_RESULTS", path)
     return path
 
 
 def test_zeroshot_within_tolerance_prints_both_numbers_and_does_not_warn(paper_file, capsys):
-    out = data.check_zeroshot(0.44, OPENAI_DTD, "1 template", "ul")
+    out = common.check_zeroshot(0.44, OPENAI_DTD, "1 template", "ul")
     assert out == {"measured": 44.0, "published": 43.2, "source": "a test table", "differs": False}
     captured = capsys.readouterr()
     assert "warning:" not in captured.err and "44.00" in captured.out and "published 43.20" in captured.out
 
 
 def test_zeroshot_three_points_off_warns_in_one_line_naming_the_usual_causes(paper_file, capsys):
-    out = data.check_zeroshot(0.462, OPENAI_DTD, "1 template", "ul")
+    out = common.check_zeroshot(0.462, OPENAI_DTD, "1 template", "ul")
     assert out["differs"] is True and out["published"] == 43.2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: zero-shot differs") and "+3.00" in err[0]
@@ -347,13 +401,16 @@ def test_zeroshot_three_points_off_warns_in_one_line_naming_the_usual_causes(pap
         assert cause in err[0]
 
 
-@pytest.mark.parametrize("args, prompt_set, setting", [
-    (SimpleNamespace(pretrained="none", data="dtd", clip_model="ViT-B-32"), "1 template", "ul"),  # other weights
-    (OPENAI_DTD, "27-template ensemble", "ul"),  # the published cell is for one template
-    (OPENAI_DTD, "1 template", "trzsl"),  # no cell for this setting
-])
+@pytest.mark.parametrize(
+    "args, prompt_set, setting",
+    [
+        (SimpleNamespace(pretrained="none", data="dtd", clip_model="ViT-B-32"), "1 template", "ul"),  # other weights
+        (OPENAI_DTD, "27-template ensemble", "ul"),  # the published cell is for one template
+        (OPENAI_DTD, "1 template", "trzsl"),  # no cell for this setting
+    ],
+)
 def test_zeroshot_without_a_matching_published_cell_is_not_compared(paper_file, capsys, args, prompt_set, setting):
-    out = data.check_zeroshot(0.10, args, prompt_set, setting)
+    out = common.check_zeroshot(0.10, args, prompt_set, setting)
     assert out == {"measured": 10.0, "published": None, "source": None, "differs": False}
     captured = capsys.readouterr()
     assert captured.err == "" and "no published row" in captured.out
@@ -361,27 +418,30 @@ def test_zeroshot_without_a_matching_published_cell_is_not_compared(paper_file, 
 
 def test_quickgelu_model_name_finds_the_same_published_cell(paper_file):
     args = SimpleNamespace(pretrained="openai", data="dtd", clip_model="ViT-B-32-quickgelu")
-    assert data.check_zeroshot(0.432, args, "1 template", "ul")["published"] == 43.2
+    assert common.check_zeroshot(0.432, args, "1 template", "ul")["published"] == 43.2
 
 
 def test_shipped_paper_results_have_a_sourced_zeroshot_cell_for_dtd_vit_b_32_ul(capsys):
-    cell = json.loads(data.PAPER_RESULTS.read_text())["zeroshot"]["ul"]["dtd"]["ViT-B-32"]
+    cell = json.loads(common.PAPER_RESULTS.read_text())["zeroshot"]["ul"]["dtd"]["ViT-B-32"]
     assert 0 < cell["value"] < 100 and cell["source"]
-    out = data.check_zeroshot(cell["value"] / 100, OPENAI_DTD, "1 template", "ul")
+    out = common.check_zeroshot(cell["value"] / 100, OPENAI_DTD, "1 template", "ul")
     assert (out["published"], out["source"], out["differs"]) == (cell["value"], cell["source"], False)
 
 
-def test_a_cap_run_records_the_zeroshot_check_and_warns_when_far_from_the_published_cell(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_a_cap_run_records_the_zeroshot_check_and_warns_when_far_from_the_published_cell(tmp_path, monkeypatch, capsys):
     path = tmp_path / "paper_results.json"
     path.write_text(json.dumps({"zeroshot": {"ul": {"synthetic": {"tiny": {"value": 99.0, "source": "a test"}}}}}))
-    monkeypatch.setattr(data, "PAPER_RESULTS", path)
+    monkeypatch.setattr(common, "PAPER_RESULTS", path)
     real = common.load_clip
     monkeypatch.setattr(common, "load_clip", lambda name, pretrained, device: real(name, "none", device))
     m = run(tmp_path, "--pretrained", "openai")  # offline: the tiny random CLIP stands in for OpenAI's weights
-    assert results(tmp_path)["zeroshot_check"] == {"measured": round(100 * m["zeroshot_test_acc"], 2),
-                                                   "published": 99.0, "source": "a test", "differs": True}
-    assert sum(l.startswith("warning: zero-shot differs") for l in capsys.readouterr().err.splitlines()) == 1
+    assert results(tmp_path)["zeroshot_check"] == {
+        "measured": round(100 * m["zeroshot_test_acc"], 2),
+        "published": 99.0,
+        "source": "a test",
+        "differs": True,
+    }
+    assert sum(line.startswith("warning: zero-shot differs") for line in capsys.readouterr().err.splitlines()) == 1
 
 
 # evaluation protocols (UL / SSL / TRZSL) ---------------------------------------
@@ -389,33 +449,32 @@ def test_a_cap_run_records_the_zeroshot_check_and_warns_when_far_from_the_publis
 
 def test_ssl_protocol_picks_two_distinct_images_per_class_the_same_way_every_time():
     labels = torch.arange(40) % 4  # [40], 10 images per class
-    idx = data.protocol_ssl(labels, 4)
+    idx = cap.protocol_ssl(labels, 4)
     assert len(idx) == 8 and len(set(idx.tolist())) == 8
     assert torch.bincount(labels[idx], minlength=4).tolist() == [2, 2, 2, 2]
-    assert torch.equal(data.protocol_ssl(labels, 4), idx)
+    assert torch.equal(cap.protocol_ssl(labels, 4), idx)
 
 
 @pytest.mark.parametrize("C, n_seen, n_unseen", [(47, 29, 18), (10, 6, 4), (45, 27, 18), (102, 63, 39)])
 def test_trzsl_split_has_the_papers_seen_and_unseen_sizes(C, n_seen, n_unseen):
-    seen, unseen = data.protocol_trzsl(C)
+    seen, unseen = cap.protocol_trzsl(C)
     assert (len(seen), len(unseen)) == (n_seen, n_unseen)
     assert sorted(seen.tolist() + unseen.tolist()) == list(range(C))
 
 
 def test_trzsl_split_is_fixed_by_split_seed():
-    seen, _ = data.protocol_trzsl(47, split_seed=500)
-    assert torch.equal(data.protocol_trzsl(47, split_seed=500)[0], seen)
-    assert not torch.equal(data.protocol_trzsl(47, split_seed=0)[0], seen)
+    seen, _ = cap.protocol_trzsl(47, split_seed=500)
+    assert torch.equal(cap.protocol_trzsl(47, split_seed=500)[0], seen)
+    assert not torch.equal(cap.protocol_trzsl(47, split_seed=0)[0], seen)
 
 
 def test_trzsl_with_a_single_class_is_a_user_error():
     with pytest.raises(common.UserError):
-        data.protocol_trzsl(1)
-
-
+        cap.protocol_trzsl(1)
 
 
 # the released code: each behaviour of cap.RELEASE_BEHAVIOURS ------------------------
+
 
 def test_dpl_expansion_takes_new_confident_images_first_then_tops_up_with_old_entries():
     # Epoch 0: k_e = K = 3. Image 10 is already in D_PL, so it is not "new".
@@ -474,9 +533,9 @@ def test_ssl_shots_as_released_reseed_numpy_with_0_before_each_class():
     for c in range(3):
         np.random.seed(0)
         expected += np.random.choice(np.where(labels.numpy() == c)[0], size=2, replace=False).tolist()
-    assert data.protocol_ssl(labels, 3, reseed_per_class=True).tolist() == expected
-    assert data.protocol_ssl(labels, 3).tolist() != expected  # our default: one stream for all classes
-    L, U, _, _ = data.split_setting("ssl", labels, 3, 500, ssl_reseed=True)
+    assert cap.protocol_ssl(labels, 3, reseed_per_class=True).tolist() == expected
+    assert cap.protocol_ssl(labels, 3).tolist() != expected  # our default: one stream for all classes
+    L, U, _, _ = cap.split_setting("ssl", labels, 3, 500, ssl_reseed=True)
     assert L.tolist() == expected and len(U) == 84
 
 
@@ -511,6 +570,7 @@ def test_streaming_leaderboard_matches_a_hand_trace():
 
 def test_strong_view_flips_always_as_released():
     from PIL import Image
+
     img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
     view = cap.strong_view(32, lambda x: x, crop_min=1.0, flip_p=1.0)  # full-image crop, always flipped
     x = view(img)
@@ -534,17 +594,19 @@ def released_paths(tmp_path, monkeypatch, *flags, name):
         def wrapper(*a, **kw):
             seen.update(record(a, kw))
             return real(*a, **kw)
+
         monkeypatch.setattr(module, fn, wrapper)
-    spy(cap, "calibrated_margin", lambda a, kw: {"margin": a[3]})
+
+    spy(cap, "calibrated_margin", lambda a, kw: {"margin_formula": a[3]})
     spy(cap, "strong_view", lambda a, kw: {"flip": kw["flip_p"] == 1.0})
-    spy(cap, "zero_shot", lambda a, kw: {"quirk": a[3]})
+    spy(cap, "zero_shot_classifiers", lambda a, kw: {"quirk": a[3]})
     spy(cap, "detect_mismatch", lambda a, kw: {"no_low_t": a[2] is None})  # zs_pred None: Y_final
     spy(cap, "streaming_leaderboard", lambda a, kw: {"leaderboard": True})
     spy(cap, "class_descriptions", lambda a, kw: {"described": bool(a[0])})
     spy(cap, "align_pseudolabels", lambda a, kw: {"desc_all": len(a[4]) == N_TRAIN})  # ids: every image
-    spy(cap, "training_state", lambda a, kw: {"trzsl_all": len(a[5]) == len(CLASSES)})  # L_UL's classes
+    spy(cap, "train_step", lambda a, kw: {"trzsl_all": len(kw["ul_classes"]) == len(CLASSES)})  # L_UL's classes
     spy(cap, "prediction_counts", lambda a, kw: {"sigma_repeats": a[3]})
-    spy(data, "split_setting", lambda a, kw: {"ssl_draw": a[4]})
+    spy(cap, "split_setting", lambda a, kw: {"ssl_draw": a[4]})
     spy(data, "load_dataset", lambda a, kw: {"eurosat_pool": kw["as_released"]})
     f = tmp_path / "d.json"
     f.write_text(json.dumps({n: [f"a {n} thing"] for n in CLASSES}))
@@ -552,11 +614,14 @@ def released_paths(tmp_path, monkeypatch, *flags, name):
     return {"leaderboard": False, "described": False, **seen}
 
 
-@pytest.mark.parametrize("flags, on", [
-    ((), set()),
-    (("--as-released",), set(cap.RELEASE_BEHAVIOURS)),
-    (("--release", "margin,eurosat-pool,no-low-t"), {"margin", "eurosat-pool", "no-low-t"}),
-])
+@pytest.mark.parametrize(
+    "flags, on",
+    [
+        ((), set()),
+        (("--as-released",), set(cap.RELEASE_BEHAVIOURS)),
+        (("--release", "margin-formula,eurosat-pool,no-low-t"), {"margin-formula", "eurosat-pool", "no-low-t"}),
+    ],
+)
 def test_each_release_name_switches_exactly_the_code_it_names(tmp_path, monkeypatch, flags, on):
     observed = released_paths(tmp_path, monkeypatch, *flags, name="run")
     assert observed == {b.replace("-", "_"): b in on for b in cap.RELEASE_BEHAVIOURS}
@@ -578,3 +643,8 @@ def test_kmeans_restarts_flag_reaches_detection(tmp_path, monkeypatch):
     run(tmp_path, "--epochs", "1", "--iters", "1", "--batch-size", "8", "--kmeans-restarts", "3", "--detect", "fast")
     run(tmp_path, "--epochs", "1", "--iters", "1", "--batch-size", "8", name="default")
     assert seen == [3, 20]
+
+
+def test_harmonic_mean_of_half_and_one_is_two_thirds():
+    assert cap.harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert cap.harmonic_mean(0.0, 0.0) == 0.0

@@ -3,6 +3,7 @@ one-line errors on bad input, prompt templates and metrics. CPU only, offline.
 
 Run: python -m pytest -q tests/test_common.py
 """
+
 import json
 import logging
 import math
@@ -35,11 +36,20 @@ def run_zeroshot(tmp_path, *args):
 def run_cli(tmp_path, *args, env=None, timeout=120):
     """`python zeroshot.py ARGS` as a user would type it. -> (exit code, stderr, seconds)"""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **(env or {})}  # empty HF cache: no cached weights
-    cmd = [sys.executable, "zeroshot.py", *args, "--quiet",
-           "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "zeroshot.py",
+        *args,
+        "--quiet",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     start = time.time()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     return r.returncode, r.stderr, time.time() - start
 
 
@@ -49,7 +59,7 @@ def assert_one_line_error(rc, stderr):
     assert "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
     assert lines, "nothing on stderr"
-    assert sum("error:" in l for l in lines) == 1, stderr
+    assert sum("error:" in line for line in lines) == 1, stderr
     assert lines[-1].startswith("error:"), stderr
     return lines[-1]
 
@@ -57,6 +67,7 @@ def assert_one_line_error(rc, stderr):
 def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=5, seed=0):
     """root/<class>/<i>.png with random 40x40 RGB images. -> root"""
     from PIL import Image
+
     rng = np.random.RandomState(seed)
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -67,6 +78,7 @@ def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=5, seed=0):
 
 # -----------------------------------------------------------------------------
 # zeroshot.py end to end and the feature cache
+
 
 def test_zeroshot_writes_results_and_a_second_run_hits_the_feature_cache(tmp_path, capsys):
     first = run_zeroshot(tmp_path, "--data", "synthetic")
@@ -92,7 +104,7 @@ def test_truncated_cache_file_is_reported_in_one_line_and_recomputed(tmp_path, c
 
     second = run_zeroshot(tmp_path, "--data", "synthetic")
     out, err = capsys.readouterr()
-    warnings = [l for l in err.splitlines() if cache_file.name in l]
+    warnings = [line for line in err.splitlines() if cache_file.name in line]
     assert len(warnings) == 1 and "unreadable" in warnings[0] and "recomputing" in warnings[0], err
     assert out.count("feature cache hit") == 1  # only the intact test-split cache
     assert second == first
@@ -137,6 +149,7 @@ def test_two_image_folders_do_not_share_a_feature_cache(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # CLIP loading
 
+
 def test_tiny_clip_saved_as_state_dict_loads_back_with_identical_image_features(tmp_path):
     model, _, _ = common.load_clip("tiny", "none")
     g = torch.Generator().manual_seed(1)
@@ -168,9 +181,23 @@ def test_loading_clip_leaves_the_callers_random_state_unchanged(tmp_path):
 
 def test_a_copied_weights_file_keeps_its_feature_cache_and_an_edited_one_does_not(tmp_path, capsys):
     def run(weights):
-        zeroshot.main(["--data", "synthetic", "--clip-model", "tiny", "--pretrained", str(weights), "--quiet",
-                       "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")])
+        zeroshot.main(
+            [
+                "--data",
+                "synthetic",
+                "--clip-model",
+                "tiny",
+                "--pretrained",
+                str(weights),
+                "--quiet",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out-dir",
+                str(tmp_path / "out"),
+            ]
+        )
         return capsys.readouterr().out.count("feature cache hit")
+
     model = common.load_clip("tiny", "none")[0]
     a, b = tmp_path / "a" / "w.pt", tmp_path / "b" / "w.pt"
     a.parent.mkdir()
@@ -187,6 +214,7 @@ def test_a_copied_weights_file_keeps_its_feature_cache_and_an_edited_one_does_no
 
 # -----------------------------------------------------------------------------
 # Bad input: one line on stderr, non-zero exit, no traceback (each run as a user would)
+
 
 def test_unknown_dataset_is_refused_with_the_list_of_choices(tmp_path):
     rc, err, _ = run_cli(tmp_path, "--data", "nope", *TINY)
@@ -205,8 +233,9 @@ def test_missing_dataset_without_download_fails_in_one_line(tmp_path):
 def test_weights_that_cannot_be_downloaded_fail_fast_in_one_line(tmp_path):
     # On a machine with internet, HF_HUB_OFFLINE stops a real 600 MB download; offline, the real path runs.
     env = {"HF_HUB_OFFLINE": "1"} if common._hub_reachable() else {}
-    rc, err, seconds = run_cli(tmp_path, "--data", "synthetic", "--clip-model", "ViT-B-32", "--pretrained", "openai",
-                               env=env)
+    rc, err, seconds = run_cli(
+        tmp_path, "--data", "synthetic", "--clip-model", "ViT-B-32", "--pretrained", "openai", env=env
+    )
     line = assert_one_line_error(rc, err)
     assert "--pretrained" in line
     # "fast" = no download retries (huggingface_hub's back-off sleeps about 23 s per file). Compared with a run
@@ -249,6 +278,7 @@ def test_unreadable_image_is_named_in_a_one_line_error_also_with_dataloader_work
 # -----------------------------------------------------------------------------
 # Prompt templates and the zero-shot classifier
 
+
 def test_zero_shot_weights_for_one_template_equal_the_normalised_text_embedding():
     model, _, tokenizer = common.load_clip("tiny", "none")
     names = ["red", "green", "blue"]
@@ -270,6 +300,7 @@ def test_template_sets_have_27_small_and_80_imagenet_entries_each_with_a_placeho
 # -----------------------------------------------------------------------------
 # Metrics
 
+
 def test_accuracy_and_per_class_accuracy_on_a_hand_example():
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     pred = torch.tensor([0, 1, 1, 1, 0, 0])
@@ -278,13 +309,9 @@ def test_accuracy_and_per_class_accuracy_on_a_hand_example():
     assert math.isnan(common.per_class_accuracy(pred, labels, 4)[3])  # class 3 absent from labels
 
 
-def test_harmonic_mean_of_half_and_one_is_two_thirds():
-    assert data.harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
-    assert data.harmonic_mean(0.0, 0.0) == 0.0
-
-
 # -----------------------------------------------------------------------------
 # QuickGELU follows the weights, and more bad input
+
 
 @pytest.fixture
 def tiny_tags(tmp_path, monkeypatch):
@@ -293,6 +320,7 @@ def tiny_tags(tmp_path, monkeypatch):
     import open_clip
     import open_clip.factory
     import open_clip.pretrained
+
     demo.register_tiny_clips()
     f = tmp_path / "tiny.pt"
     torch.save(open_clip.create_model("tiny").state_dict(), f)
@@ -305,6 +333,7 @@ def tiny_tags(tmp_path, monkeypatch):
 
 def activations(model):
     from open_clip.transformer import QuickGELU
+
     kinds = {type(m) for m in model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
     return {k.__name__ for k in kinds}
 
@@ -317,6 +346,7 @@ def test_weights_trained_with_quickgelu_run_with_quickgelu(tiny_tags, recwarn):
 
 def test_loading_weights_offline_leaves_the_root_loggers_level_as_it_was(tiny_tags, monkeypatch):
     import huggingface_hub.constants
+
     monkeypatch.setattr(common, "_hub_reachable", lambda *a, **k: False)  # the offline path quiets the loggers
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     root = logging.getLogger()
@@ -327,6 +357,7 @@ def test_loading_weights_offline_leaves_the_root_loggers_level_as_it_was(tiny_ta
 
 def test_openai_torchscript_file_runs_with_quickgelu(tmp_path):
     import open_clip
+
     demo.register_tiny_clips()
     model = open_clip.create_model("tiny", force_quick_gelu=True).eval()
     f = tmp_path / "ViT-tiny.pt"  # OpenAI's release format: a TorchScript archive, its state_dict our keys
@@ -358,9 +389,11 @@ def test_cuda_device_without_cuda_says_so_in_one_line(tmp_path):
 
 def test_failed_download_names_the_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
     import torchvision.datasets
+
     def offline(self, *a, **k):
         (tmp_path / "data" / "dtd" / "dtd").mkdir(parents=True)  # what torchvision creates before fetching
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
     monkeypatch.setattr(torchvision.datasets.DTD, "_download", offline)
     (tmp_path / "data").mkdir()
     with pytest.raises(common.UserError, match="--data demo"):
@@ -368,11 +401,21 @@ def test_failed_download_names_the_folder_and_leaves_nothing_behind(tmp_path, mo
     assert list((tmp_path / "data").iterdir()) == []
 
 
-@pytest.mark.parametrize("script,flag,value,low", [
-    ("cap", "--epochs", "0", 1), ("cap", "--epochs", "-1", 1), ("cap", "--iters", "0", 1),
-    ("cap", "--batch-size", "0", 1), ("cap", "--n-main", "0", 1), ("cap", "--n-descriptions", "0", 1),
-    ("coreg", "--epochs", "0", 1), ("coreg", "--batch-size", "0", 1), ("coreg", "--queue-size", "0", 1),
-    ("zeroshot", "--workers", "-3", 0)])
+@pytest.mark.parametrize(
+    "script,flag,value,low",
+    [
+        ("cap", "--epochs", "0", 1),
+        ("cap", "--epochs", "-1", 1),
+        ("cap", "--iters", "0", 1),
+        ("cap", "--batch-size", "0", 1),
+        ("cap", "--n-main", "0", 1),
+        ("cap", "--n-descriptions", "0", 1),
+        ("coreg", "--epochs", "0", 1),
+        ("coreg", "--batch-size", "0", 1),
+        ("coreg", "--queue-size", "0", 1),
+        ("zeroshot", "--workers", "-3", 0),
+    ],
+)
 def test_counts_and_sizes_out_of_range_are_refused_at_parse_time(script, flag, value, low, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as e:
@@ -388,6 +431,7 @@ def test_rerun_into_the_same_out_dir_keeps_the_earlier_results(tmp_path, capsys)
         run = SimpleNamespace(config={"seed": seed}, start=time.time(), out_dir=tmp_path)
         common.finish_run(run, {"test_acc": acc}, f"run {seed}")
         return tmp_path / "results.json"
+
     first = finish(1, 0.5)
     os.utime(first, (1e9, 1e9))  # an old file: its kept copy is named by its time
     finish(2, 0.7)
@@ -399,13 +443,17 @@ def test_rerun_into_the_same_out_dir_keeps_the_earlier_results(tmp_path, capsys)
 
 def test_two_processes_writing_the_same_cache_entry_both_finish_and_the_file_loads(tmp_path):
     path = tmp_path / "cache" / "entry.pt"
-    code = ("import sys, torch, common\n"
-            "for i in range(20):\n"
-            "    common.save_atomic({'features': torch.full((2000, 64), float(sys.argv[1])),"
-            " 'labels': torch.arange(2000)},"
-            f" {str(path)!r})\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(v)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-             for v in (1, 2)]
+    code = (
+        "import sys, torch, common\n"
+        "for i in range(20):\n"
+        "    common.save_atomic({'features': torch.full((2000, 64), float(sys.argv[1])),"
+        " 'labels': torch.arange(2000)},"
+        f" {str(path)!r})\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(v)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        for v in (1, 2)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     hit = common.load_cached(path, ("features", "labels"))
@@ -425,13 +473,16 @@ def test_each_top_level_module_can_be_imported_first():
     """common, data and demo import each other (names are looked up at call time): any one may come first.
     One interpreter; our modules are dropped from sys.modules between the imports (torch stays loaded)."""
     ours = ["common", "data", "demo", "zeroshot", "cap", "coreg"]
-    code = (f"import importlib, sys\n"
-            f"for first in {ours!r}:\n"
-            f"    for m in {ours!r}:\n"
-            f"        sys.modules.pop(m, None)\n"
-            f"    importlib.import_module(first)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       stdin=subprocess.DEVNULL)
+    code = (
+        f"import importlib, sys\n"
+        f"for first in {ours!r}:\n"
+        f"    for m in {ours!r}:\n"
+        f"        sys.modules.pop(m, None)\n"
+        f"    importlib.import_module(first)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -451,11 +502,15 @@ def test_scripts_ask_openmp_for_passive_waits_before_torch_loads():
     """Idle OpenMP threads then sleep instead of spinning; the setting is read once, when torch loads."""
     for name in ("cap.py", "coreg.py", "zeroshot.py", "common.py"):
         lines = (REPO / name).read_text().splitlines()
-        setting = lines.index(next(l for l in lines if l.startswith('os.environ.setdefault("OMP_WAIT_POLICY"')))
-        imports_before = {l for l in lines[:setting] if l.startswith(("import ", "from "))}
+        setting = lines.index(
+            next(line for line in lines if line.startswith('os.environ.setdefault("OMP_WAIT_POLICY"'))
+        )
+        imports_before = {line for line in lines[:setting] if line.startswith(("import ", "from "))}
         assert imports_before == {"import os"}, (name, imports_before)
-    code = ("import os; os.environ.pop('OMP_WAIT_POLICY', None); import zeroshot, torch; "
-            "print(os.environ['OMP_WAIT_POLICY'])")
+    code = (
+        "import os; os.environ.pop('OMP_WAIT_POLICY', None); import zeroshot, torch; "
+        "print(os.environ['OMP_WAIT_POLICY'])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "PASSIVE", out.stderr

@@ -7,6 +7,7 @@ demo CLIP. CPU only, offline.
 
 Run from the repository root: python -m pytest -q tests/test_demo.py
 """
+
 import json
 import math
 
@@ -48,6 +49,7 @@ def zeroshot_run(cache_dir, tmp_path_factory):
 # -----------------------------------------------------------------------------
 # The generated dataset
 
+
 def test_demo_dataset_has_fixed_sizes_and_balanced_classes():
     ((train, y_train), (test, y_test)), classnames = demo.load_demo_dataset()
     assert classnames == demo.CLASSNAMES and len(classnames) == 10
@@ -68,7 +70,7 @@ def test_demo_images_are_the_same_on_every_call_and_differ_between_splits():
 def test_mismatched_class_names_are_captions_of_other_things_never_of_their_own_images():
     images, captions = demo.pretraining_pairs(captions_per_image=4)
     n_per_class, n_classes = demo.PER_CLASS["pretrain"], len(demo.CLASSNAMES)
-    brightness = torch.from_numpy(images[n_per_class * n_classes:]).float().mean((1, 2, 3))  # [n_blank]
+    brightness = torch.from_numpy(images[n_per_class * n_classes :]).float().mean((1, 2, 3))  # [n_blank]
     for k, name in enumerate(demo.MISMATCHED):
         said = [i for i, caps in enumerate(captions) if any(name in c.replace(".", " ").split() for c in caps)]
         classes = {i // n_per_class for i in said if i < n_per_class * n_classes}
@@ -86,6 +88,7 @@ def test_pretraining_is_deterministic_from_its_seed(monkeypatch):
     def pretrain(seed):
         model, _, tokenizer = common.load_clip("tiny-demo", "none")
         return demo.pretrain(model, tokenizer, steps=3, batch_size=16, seed=seed).state_dict()
+
     a, b, other = pretrain(0), pretrain(0), pretrain(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], other[k]) for k in a)
@@ -94,6 +97,7 @@ def test_pretraining_is_deterministic_from_its_seed(monkeypatch):
 
 # -----------------------------------------------------------------------------
 # The demo CLIP's weights: shipped, or cached, never pre-trained when one of them is readable
+
 
 def test_clip_weights_returns_the_shipped_file_which_loads_as_the_demo_clip(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "pretrain", lambda *a, **k: pytest.fail("pre-trained although weights ship"))
@@ -125,6 +129,7 @@ def test_demo_data_defaults_to_the_demo_clip():
 
 # -----------------------------------------------------------------------------
 # The pre-trained demo CLIP and what it gets wrong
+
 
 def test_zero_shot_on_demo_is_mediocre_with_mismatched_classes_near_zero(zeroshot_run):
     metrics, results = zeroshot_run
@@ -172,12 +177,14 @@ def test_caption_like_description_is_nearest_to_each_mismatched_class_mean(clip_
 def test_cap_mismatch_detection_returns_the_planted_classes(clip_and_train_features):
     """CAP §3.1 with the demo's default t = 2 finds exactly the two planted mismatched classes."""
     import cap
+
     model, tokenizer, features, labels = clip_and_train_features
     W = common.zero_shot_weights(model, tokenizer, demo.CLASSNAMES, common.TEMPLATES_SINGLE)  # [C, D]
     scale = model.logit_scale.exp().item()
     zs_pred = (features @ W.T).argmax(1)
-    mismatched, centres = cap.detect_mismatch(features, W, zs_pred, t=cap.DATASET_DEFAULTS["demo"]["mismatch_t"],
-                                              scale=scale)
+    mismatched, centres = cap.detect_mismatch(
+        features, W, zs_pred, t=cap.DATASET_DEFAULTS["demo"]["mismatch_t"], scale=scale
+    )
     assert sorted(demo.CLASSNAMES[c] for c in mismatched) == sorted(demo.MISMATCHED)
 
 
@@ -185,8 +192,10 @@ def test_cap_ul_ends_10_points_above_zero_shot_with_the_default_demo_settings(ca
     """`python cap.py --data demo --mode ul` (seed 1) ends at least 10 points above zero-shot (the shipped
     weights: 88.1 vs 73.3), and the alignment step improves the pseudolabels it trains on."""
     import cap
-    metrics = cap.main(["--data", "demo", "--mode", "ul", "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
-                        "--quiet"])
+
+    metrics = cap.main(
+        ["--data", "demo", "--mode", "ul", "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path), "--quiet"]
+    )
     assert metrics["test_acc"] - metrics["zeroshot_test_acc"] >= 0.10, metrics
     assert metrics["dpl_acc_after_alignment"] > metrics["dpl_acc_before_alignment"]
 
@@ -199,6 +208,7 @@ def test_coreg_candidate_sets_carry_instance_level_noise(clip_and_train_features
     outside the mismatches, template 0 right on 0.713 (easy 0.777, hard 0.622), multi-label sets on 53 % of
     hard and 42 % of easy images."""
     import coreg
+
     model, tokenizer, features, labels = clip_and_train_features
     hard = demo.generate("train")[3]  # [N] bool
     W = coreg.template_weights(model, tokenizer, demo.CLASSNAMES, common.get_templates("small"), "cpu", quiet=True)
@@ -219,6 +229,7 @@ def test_coreg_demo_run_beats_its_noisy_labels_by_5_points_and_keeps_its_warm_up
     after the warm-up (the shipped weights: 78.6 vs 71.3, and 77.1 after the warm-up); results.json keeps the
     per-epoch history and per-class accuracy."""
     import coreg
+
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the command line's thread count
     try:

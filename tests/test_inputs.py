@@ -6,6 +6,7 @@ steps) where the exit code and stderr are the point, or in-process where that is
 
 Run from the repository root: python -m pytest -q tests/test_inputs.py
 """
+
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 import cap
 import common
 import coreg
+import data
 import demo
 import zeroshot
 
@@ -29,8 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"zeroshot": zeroshot, "cap": cap, "coreg": coreg}
 TINY = ["--clip-model", "tiny", "--pretrained", "none", "--quiet"]
 SYNTHETIC = ["--data", "synthetic", *TINY]
-SHORT = {"zeroshot": [], "cap": ["--epochs", "1", "--iters", "1", "--batch-size", "8"],  # a few steps each
-         "coreg": ["--arch", "narrow", "--epochs", "1", "--warm-up", "1", "--batch-size", "16"]}
+SHORT = {
+    "zeroshot": [],
+    "cap": ["--epochs", "1", "--iters", "1", "--batch-size", "8"],  # a few steps each
+    "coreg": ["--arch", "narrow", "--epochs", "1", "--warm-up", "1", "--batch-size", "16"],
+}
 
 
 def run_script(tmp_path, script, *args):
@@ -39,8 +44,15 @@ def run_script(tmp_path, script, *args):
     dirs = [] if "--cache-dir" in args else ["--cache-dir", str(tmp_path / "cache")]
     dirs += [] if "--out-dir" in args else ["--out-dir", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    return subprocess.run([sys.executable, f"{script}.py", *args, *dirs], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, f"{script}.py", *args, *dirs],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_line_error(rc, stderr, warnings_allowed=False):
@@ -48,10 +60,10 @@ def one_line_error(rc, stderr, warnings_allowed=False):
     lines of the run when warnings_allowed). -> that line"""
     assert rc == 2, (rc, stderr)
     assert "Traceback" not in stderr, stderr
-    lines = [l for l in stderr.splitlines() if l.strip()]
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error:"), stderr
     earlier = lines[:-1]
-    assert not earlier or (warnings_allowed and all(l.startswith("warning:") for l in earlier)), stderr
+    assert not earlier or (warnings_allowed and all(line.startswith("warning:") for line in earlier)), stderr
     return lines[-1]
 
 
@@ -60,8 +72,9 @@ def usage_error(r, flag):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert sum("error:" in l for l in lines) == 1 and lines[-1].startswith(f"{r.args[1]}: error: argument {flag}:"), \
-        r.stderr
+    assert sum("error:" in line for line in lines) == 1 and lines[-1].startswith(
+        f"{r.args[1]}: error: argument {flag}:"
+    ), r.stderr
     return lines[-1]
 
 
@@ -74,24 +87,30 @@ def in_process_error(capsys, script, argv):
 
 def no_work(monkeypatch):
     """From here on, loading the data and CLIP (the first work of every script) fails the test."""
+
     def prepare(*a, **k):
         raise AssertionError("the run started its work before refusing its input")
-    monkeypatch.setattr(common, "prepare", prepare)
+
+    monkeypatch.setattr(data, "prepare", prepare)
 
 
 def strict_json(path):
     """Parse a file as strict JSON: NaN and Infinity are errors."""
+
     def refuse(constant):
         raise ValueError(f"{path} holds {constant}, not strict JSON")
+
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 # -----------------------------------------------------------------------------
 # The dataset
 
+
 @pytest.mark.parametrize("script", ["zeroshot", "cap", "coreg"])
 def test_a_folder_dataset_with_one_class_is_refused_in_one_line(tmp_path, script):
     from PIL import Image
+
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     rng = np.random.RandomState(0)
     for i in range(5):
@@ -104,6 +123,7 @@ def test_a_folder_dataset_with_one_class_is_refused_in_one_line(tmp_path, script
 
 # -----------------------------------------------------------------------------
 # The learning rate, and a run that diverges
+
 
 @pytest.mark.parametrize("script", ["cap", "coreg"])
 def test_a_learning_rate_of_nan_is_refused_at_parse_time(tmp_path, script):
@@ -118,6 +138,18 @@ def test_a_negative_learning_rate_is_a_one_line_usage_error(tmp_path, script):
     assert "-1" in usage_error(r, "--lr")
 
 
+@pytest.mark.parametrize("script", ["zeroshot", "cap", "coreg"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_numpys_range_is_a_one_line_usage_error(capsys, script, seed):
+    with pytest.raises(SystemExit) as exit_:
+        SCRIPTS[script].parse_args(["--data", "synthetic", "--seed", seed])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith(
+        f"argument --seed: must be an integer {'>= 0' if seed == '-1' else '<= 4294967295'}, got {seed}"
+    )
+
+
 def test_a_run_whose_loss_becomes_non_finite_stops_in_one_line_and_writes_no_results(tmp_path):
     r = run_script(tmp_path, "cap", *SYNTHETIC, "--epochs", "2", "--iters", "2", "--lr", "1e30")  # NaN in epoch 1
     line = one_line_error(r.returncode, r.stderr, warnings_allowed=True)
@@ -130,16 +162,22 @@ def test_a_run_whose_loss_becomes_non_finite_stops_in_one_line_and_writes_no_res
 def test_a_coreg_epoch_with_a_nan_loss_stops_the_run_with_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(coreg, "partial_ce", lambda logits, *a, **k: logits.sum() * float("nan"))  # warm-up diverges
     with pytest.raises(common.UserError, match="diverged"):
-        coreg.main([*SYNTHETIC, *SHORT["coreg"], "--cache-dir", str(tmp_path / "cache"),
-                    "--out-dir", str(tmp_path / "out")])
+        coreg.main(
+            [*SYNTHETIC, *SHORT["coreg"], "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")]
+        )
     assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_results_json_is_strict_json_with_null_for_nan_and_infinity(tmp_path):
     from types import SimpleNamespace
+
     run = SimpleNamespace(config={"lr": 0.01}, start=0.0, out_dir=tmp_path)
-    common.finish_run(run, {"test_acc": float("nan"), "gap": float("-inf"), "per_class": torch.tensor([0.5, math.nan]),
-                            "n": np.int64(3)}, "summary", extra={"history": [{"loss": float("inf")}]})
+    common.finish_run(
+        run,
+        {"test_acc": float("nan"), "gap": float("-inf"), "per_class": torch.tensor([0.5, math.nan]), "n": np.int64(3)},
+        "summary",
+        extra={"history": [{"loss": float("inf")}]},
+    )
     res = strict_json(tmp_path / "results.json")
     assert res["metrics"] == {"test_acc": None, "gap": None, "per_class": [0.5, None], "n": 3}
     assert res["history"] == [{"loss": None}]
@@ -148,18 +186,31 @@ def test_results_json_is_strict_json_with_null_for_nan_and_infinity(tmp_path):
 # -----------------------------------------------------------------------------
 # The device
 
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message on a machine without MPS")
 def test_device_mps_without_mps_names_mps_not_the_weights_file(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(common.load_clip("tiny", "none")[0].state_dict(), weights)
-    r = run_script(tmp_path, "zeroshot", "--data", "synthetic", "--clip-model", "tiny", "--pretrained", str(weights),
-                   "--device", "mps", "--quiet")
+    r = run_script(
+        tmp_path,
+        "zeroshot",
+        "--data",
+        "synthetic",
+        "--clip-model",
+        "tiny",
+        "--pretrained",
+        str(weights),
+        "--device",
+        "mps",
+        "--quiet",
+    )
     line = one_line_error(r.returncode, r.stderr)
     assert "MPS" in line and "--device" in line and str(weights) not in line, line
 
 
 # -----------------------------------------------------------------------------
 # The output folders: checked at start-up, before any work
+
 
 @pytest.mark.parametrize("script", ["zeroshot", "cap", "coreg"])
 def test_a_read_only_cache_dir_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, script):
@@ -172,10 +223,12 @@ def test_a_read_only_cache_dir_is_refused_in_one_line_before_any_work(tmp_path, 
         if dir is not None and Path(dir).resolve() == folder.resolve():
             raise PermissionError(13, "Permission denied", str(dir))
         return real_mkstemp(*a, dir=dir, **k)
+
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     no_work(monkeypatch)
-    line = in_process_error(capsys, script, [*SYNTHETIC, *SHORT[script], "--cache-dir", str(folder),
-                                             "--out-dir", str(tmp_path / "out")])
+    line = in_process_error(
+        capsys, script, [*SYNTHETIC, *SHORT[script], "--cache-dir", str(folder), "--out-dir", str(tmp_path / "out")]
+    )
     assert "--cache-dir" in line and str(folder) in line and "not writable" in line, line
 
 
@@ -196,8 +249,11 @@ def test_a_cache_dir_without_write_permission_is_refused_in_one_line(tmp_path):
 def test_a_cache_dir_that_is_a_file_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, script):
     (tmp_path / "cache").write_text("not a folder")
     no_work(monkeypatch)
-    line = in_process_error(capsys, script, [*SYNTHETIC, *SHORT[script], "--cache-dir", str(tmp_path / "cache"),
-                                             "--out-dir", str(tmp_path / "out")])
+    line = in_process_error(
+        capsys,
+        script,
+        [*SYNTHETIC, *SHORT[script], "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")],
+    )
     assert "--cache-dir" in line and "is a file" in line, line
     assert (tmp_path / "cache").read_text() == "not a folder"
 
@@ -212,8 +268,11 @@ def test_a_cache_dir_that_is_a_file_ends_the_script_with_one_line(tmp_path):
 def test_an_out_dir_that_is_a_file_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, script):
     (tmp_path / "out").write_text("not a folder")
     no_work(monkeypatch)
-    line = in_process_error(capsys, script, [*SYNTHETIC, *SHORT[script], "--cache-dir", str(tmp_path / "cache"),
-                                             "--out-dir", str(tmp_path / "out")])
+    line = in_process_error(
+        capsys,
+        script,
+        [*SYNTHETIC, *SHORT[script], "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")],
+    )
     assert "--out-dir" in line and "is a file" in line, line
     assert (tmp_path / "out").read_text() == "not a folder"
 
@@ -228,9 +287,11 @@ def test_an_out_dir_that_is_a_file_ends_the_script_with_one_line_before_training
 # -----------------------------------------------------------------------------
 # The demo CLIP's weights file
 
+
 @pytest.mark.parametrize("where", ["shipped", "cached"])
-def test_a_truncated_demo_weights_file_is_reported_in_one_line_and_pre_trained_again(tmp_path, monkeypatch, capsys,
-                                                                                      where):
+def test_a_truncated_demo_weights_file_is_reported_in_one_line_and_pre_trained_again(
+    tmp_path, monkeypatch, capsys, where
+):
     cache = tmp_path / "cache"
     cache.mkdir()
     shipped = tmp_path / "assets" / demo.WEIGHTS.name
@@ -238,18 +299,20 @@ def test_a_truncated_demo_weights_file_is_reported_in_one_line_and_pre_trained_a
     truncated.parent.mkdir(exist_ok=True)
     torch.save(common.load_clip("tiny-demo", "none")[0].state_dict(), truncated)  # a readable file, then cut
     full = truncated.read_bytes()
-    truncated.write_bytes(full[:len(full) // 2])
+    truncated.write_bytes(full[: len(full) // 2])
     monkeypatch.setattr(demo, "WEIGHTS", shipped)  # missing when where == "cached"
     calls = []
 
     def pretrain(model, tokenizer, **kw):  # stands in for the 3-4 min pre-training: the control flow is tested
         calls.append(kw)
         return model.eval()
+
     monkeypatch.setattr(demo, "pretrain", pretrain)
     path = demo.clip_weights(cache, quiet=True)
     err = capsys.readouterr().err
-    assert [l for l in err.splitlines() if str(truncated) in l and "unreadable" in l] and \
-        len([l for l in err.splitlines() if str(truncated) in l]) == 1, err
+    assert [line for line in err.splitlines() if str(truncated) in line and "unreadable" in line] and len(
+        [line for line in err.splitlines() if str(truncated) in line]
+    ) == 1, err
     assert len(calls) == 1 and Path(path) == cache / demo.WEIGHTS.name
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert "logit_scale" in state and Path(path).stat().st_size > len(full) // 2
@@ -260,9 +323,11 @@ def test_a_truncated_demo_weights_file_is_reported_in_one_line_and_pre_trained_a
 # -----------------------------------------------------------------------------
 # Ctrl-C
 
+
 def test_ctrl_c_prints_interrupted_and_exits_130(capsys):
     def main():
         raise KeyboardInterrupt
+
     try:
         with pytest.raises(SystemExit) as exit_:
             common.run_cli(main)
@@ -279,11 +344,31 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_earlier_results(tmp_path
     earlier = json.dumps({"config": {"seed": 1}, "metrics": {"test_acc": 0.5}})
     (out / "results.json").write_text(earlier)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    cmd = [sys.executable, "coreg.py", "--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none",
-           "--arch", "narrow", "--epochs", "1000", "--warm-up", "1", "--batch-size", "16",
-           "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]  # not --quiet: one line per epoch
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "coreg.py",
+        "--data",
+        "synthetic",
+        "--clip-model",
+        "tiny",
+        "--pretrained",
+        "none",
+        "--arch",
+        "narrow",
+        "--epochs",
+        "1000",
+        "--warm-up",
+        "1",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(out),
+    ]  # not --quiet: one line per epoch
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
     try:
         training = any(line.startswith("epoch ") for line in p.stdout)  # stops reading at the first epoch line
         assert training, p.stderr.read()

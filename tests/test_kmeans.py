@@ -3,6 +3,7 @@
 
 Run from the repository root: python -m pytest -q tests/test_kmeans.py
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,7 @@ def test_kmeans_stops_early_once_assignments_stop_changing():
 
 # CAP §3.1 mismatch detection, against an independent re-implementation of the released notebook loop
 
+
 def notebook_loop(feats, text, t, scale, cluster):
     """The release's removal loop, written as the notebook writes it (lists, a per-class leaderboard sorted by
     confidence), stopped at t classes (the paper's rule). -> (Y_final, remaining image ids)"""
@@ -239,8 +241,12 @@ def test_mismatch_removal_follows_the_notebook_confidence_order_on_class_sorted_
     """The release removes the images predicted i* most confident first; index order (what a class-sorted
     pool gives) would remove other images and change the leftover clusters."""
     import cap
+
     real_kmeans = common.kmeans
-    cluster = lambda x, k, **kw: real_kmeans(x, k, seed=0, spherical=True, n_init=2)  # one fixed clustering for both
+
+    def cluster(x, k, **kw):
+        return real_kmeans(x, k, seed=0, spherical=True, n_init=2)  # one fixed clustering for both
+
     monkeypatch.setattr(common, "kmeans", cluster)
     t, scale = 3, 20.0  # a moderate scale: no softmax ties at 1.0, so "most confident first" is unambiguous
     for seed in range(6):
@@ -257,6 +263,7 @@ def test_mismatch_removal_follows_the_notebook_confidence_order_on_class_sorted_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_mismatch_detection_runs_on_gpu_features_and_matches_cpu():
     import cap
+
     feats, text = sorted_pool_world(0)
     cpu = cap.detect_mismatch(feats, text, None, 3, scale=20.0)  # zs_pred None: Y_final itself
     gpu = cap.detect_mismatch(feats.cuda(), text.cuda(), None, 3, scale=20.0)
@@ -265,6 +272,7 @@ def test_mismatch_detection_runs_on_gpu_features_and_matches_cpu():
 
 def test_match_log_odds_ranks_as_the_softmax_and_stays_finite_at_clip_scale():
     import cap
+
     g = torch.Generator().manual_seed(0)
     z = 100 * torch.randn(30, 30, generator=g)  # CLIP's scale: P rounds to 1.0 in many rows
     odds = cap.match_log_odds(z)
@@ -277,6 +285,7 @@ def test_match_log_odds_ranks_as_the_softmax_and_stays_finite_at_clip_scale():
 
 def test_fast_removal_loop_finds_the_planted_classes_like_the_exact_loop():
     import cap
+
     g = torch.Generator().manual_seed(0)
     C, per, d = 12, 30, 32
     means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]

@@ -4,6 +4,7 @@ come from.
 
 Run: python -m pytest -q tests/test_llm.py
 """
+
 import json
 import socket
 import threading
@@ -15,17 +16,17 @@ import pytest
 import cap
 import common
 import data
-from cap import class_descriptions
+from cap import class_descriptions, load_descriptions
 from common import LLMError, describe_classes, llm_complete, parse_descriptions
-from data import load_descriptions
 
 KEY = "sk-test-SECRET-0123456789"
 
 
 def reply(*contents):
     """A chat-completions JSON body with one choice per content string."""
-    return json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": c}}
-                                   for i, c in enumerate(contents)]})
+    return json.dumps(
+        {"choices": [{"index": i, "message": {"role": "assistant", "content": c}} for i, c in enumerate(contents)]}
+    )
 
 
 @pytest.fixture
@@ -82,6 +83,7 @@ def no_proxy_for_localhost(monkeypatch):
     """requests honours HTTP_PROXY; keep the loopback test server off any proxy set in the environment."""
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
+
 # -----------------------------------------------------------------------------
 # success, request format, key handling
 
@@ -94,8 +96,12 @@ def test_success_returns_every_choice_and_sends_an_openai_request(server, monkey
     assert out == ["one", "two", "three"]
     req = seen[0]
     assert req["path"] == "/v1/chat/completions"
-    assert req["body"] == {"model": "m1", "messages": [{"role": "user", "content": "describe a cat"}],
-                           "n": 3, "temperature": 0.2}
+    assert req["body"] == {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "describe a cat"}],
+        "n": 3,
+        "temperature": 0.2,
+    }
     assert "Authorization" not in req["headers"]
     assert req["headers"]["Content-Type"] == "application/json"
 
@@ -118,7 +124,10 @@ def test_fewer_choices_than_asked_is_fine(server):
 def test_key_never_appears_in_errors_or_cache_files(server, monkeypatch, tmp_path):
     url, script, _ = server
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    echo = lambda h: json.dumps({"error": {"message": f"bad request, you sent {h['Authorization']}"}})
+
+    def echo(h):
+        return json.dumps({"error": {"message": f"bad request, you sent {h['Authorization']}"}})
+
     script += [OK, (400, "application/json", echo, 0), (401, "application/json", echo, 0)]
     llm_complete("p", url=url, model="m", cache_dir=tmp_path, backoff=0)
     messages = []
@@ -172,15 +181,18 @@ def test_401_is_not_retried_and_points_at_the_key(server):
     assert len(seen) == 1
 
 
-@pytest.mark.parametrize("status, ctype, body, match", [
-    (200, "application/json", '{"choices": [', "malformed JSON"),
-    (200, "application/json", '{"object": "chat.completion"}', "no 'choices'"),
-    (200, "application/json", reply("", "   "), "empty content"),
-    (200, "application/json", json.dumps({"choices": [{"message": {"content": None}}]}), "empty content"),
-    (200, "text/html", "<html><body>Please log in</body></html>", "HTML page"),
-    (404, "text/html", "<!DOCTYPE html><h1>Not Found</h1>", "HTML page"),
-    (400, "application/json", '{"error": {"message": "model not found"}}', "HTTP 400.*model not found"),
-])
+@pytest.mark.parametrize(
+    "status, ctype, body, match",
+    [
+        (200, "application/json", '{"choices": [', "malformed JSON"),
+        (200, "application/json", '{"object": "chat.completion"}', "no 'choices'"),
+        (200, "application/json", reply("", "   "), "empty content"),
+        (200, "application/json", json.dumps({"choices": [{"message": {"content": None}}]}), "empty content"),
+        (200, "text/html", "<html><body>Please log in</body></html>", "HTML page"),
+        (404, "text/html", "<!DOCTYPE html><h1>Not Found</h1>", "HTML page"),
+        (400, "application/json", '{"error": {"message": "model not found"}}', "HTTP 400.*model not found"),
+    ],
+)
 def test_unusable_replies_raise_at_once(server, status, ctype, body, match):
     url, script, seen = server
     script.append((status, ctype, body, 0))
@@ -230,7 +242,7 @@ def test_cache_hit_makes_no_second_request(server, tmp_path):
     assert len(seen) == 2  # a different request is a different cache entry
 
 
-@pytest.mark.parametrize("corrupt", ['{"contents": ["trunc', '{"contents": "not a list"}', '[]', ''])
+@pytest.mark.parametrize("corrupt", ['{"contents": ["trunc', '{"contents": "not a list"}', "[]", ""])
 def test_corrupt_cache_file_is_ignored_with_a_warning(server, tmp_path, capsys, corrupt):
     url, script, seen = server
     script.append(OK)
@@ -248,11 +260,14 @@ def test_corrupt_cache_file_is_ignored_with_a_warning(server, tmp_path, capsys, 
 # descriptions: parsing, prompting, files, offline policy
 
 
-@pytest.mark.parametrize("text", [
-    "Here are 3 descriptions:\n1. Woven threads.\n2) fine holes\n3. woven threads.\n\n",
-    "- Woven threads.\n* fine holes\n• \n",
-    '```json\n["Woven threads.", "fine holes", "", "WOVEN THREADS."]\n```',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Here are 3 descriptions:\n1. Woven threads.\n2) fine holes\n3. woven threads.\n\n",
+        "- Woven threads.\n* fine holes\n• \n",
+        '```json\n["Woven threads.", "fine holes", "", "WOVEN THREADS."]\n```',
+    ],
+)
 def test_parse_descriptions_reads_numbered_bulleted_and_json_lists(text):
     assert parse_descriptions(text) == ["Woven threads.", "fine holes"]
 
@@ -263,8 +278,10 @@ def test_parse_descriptions_takes_plain_lines_when_there_is_no_list():
 
 def test_describe_classes_prompts_once_per_class_and_merges_choices(server):
     url, script, seen = server
-    script += [(200, "application/json", reply("1. holes\n2. threads", "1. Holes\n2. veil\n3. mesh"), 0),
-               (200, "application/json", reply("1. a\n2. b\n3. c\n4. d"), 0)]
+    script += [
+        (200, "application/json", reply("1. holes\n2. threads", "1. Holes\n2. veil\n3. mesh"), 0),
+        (200, "application/json", reply("1. a\n2. b\n3. c\n4. d"), 0),
+    ]
     out = describe_classes(["lacelike", "veined"], "texture", n=3, url=url, model="m", choices=2, backoff=0)
     assert out == {"lacelike": ["holes", "threads", "veil"], "veined": ["a", "b", "c"]}
     prompt = seen[0]["body"]["messages"][0]["content"]
@@ -278,12 +295,15 @@ def test_load_descriptions_accepts_lists_and_single_strings(tmp_path):
     assert load_descriptions(f) == {"gauzy": ["a thin veil"], "pitted": ["small holes"]}
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "cannot read it as JSON"),
-    ('["a", "b"]', "expected an object"),
-    ('{"gauzy": 3}', "'gauzy' must map to"),
-    ('{"gauzy": ["ok", 1]}', "'gauzy' must map to"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "cannot read it as JSON"),
+        ('["a", "b"]', "expected an object"),
+        ('{"gauzy": 3}', "'gauzy' must map to"),
+        ('{"gauzy": ["ok", 1]}', "'gauzy' must map to"),
+    ],
+)
 def test_malformed_descriptions_file_is_a_user_error(tmp_path, content, match):
     f = tmp_path / "d.json"
     f.write_text(content)
@@ -309,7 +329,7 @@ def test_descriptions_file_wins_over_the_llm(server, tmp_path):
 def test_unreachable_llm_warns_once_and_returns_nothing(monkeypatch, capsys):
     monkeypatch.setattr(common.time, "sleep", lambda s: None)  # no server thread in this test
     assert class_descriptions(["gauzy"], "texture", 5, url=closed_port_url(), model="m") == ({}, "none")
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(err) == 1 and "class-name prompts" in err[0]
 
 
@@ -351,8 +371,23 @@ def test_without_an_llm_the_shipped_descriptions_are_used(capsys):
 
 CLASSES = ["red", "green", "blue", "yellow"]  # --data synthetic
 # --mismatch-t 4 = C: detection removes nothing, so every class is mismatched and described
-TINY_CAP = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--epochs", "1", "--iters", "1",
-            "--batch-size", "8", "--mismatch-t", "4", "--quiet"]
+TINY_CAP = [
+    "--data",
+    "synthetic",
+    "--clip-model",
+    "tiny",
+    "--pretrained",
+    "none",
+    "--epochs",
+    "1",
+    "--iters",
+    "1",
+    "--batch-size",
+    "8",
+    "--mismatch-t",
+    "4",
+    "--quiet",
+]
 
 
 def cap_report(tmp_path, *extra):
@@ -383,7 +418,7 @@ def test_a_cap_run_with_an_llm_records_the_model_and_asks_once_per_class(server,
 def test_a_cap_run_whose_llm_is_unreachable_records_the_shipped_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(common.time, "sleep", lambda s: None)  # no waits between the refused attempts
     shipped = {n: [f"a shipped {n} thing"] for n in CLASSES}
-    monkeypatch.setattr(data, "shipped_descriptions", lambda name: shipped if name == "synthetic" else None)
+    monkeypatch.setitem(data.SHIPPED_DESCRIPTIONS, "synthetic", shipped)
     report = cap_report(tmp_path, "--llm-url", closed_port_url(), "--llm-model", "m1")
     assert report["descriptions_source"] == "shipped"
     assert report["chosen_descriptions"] == {n: f"a shipped {n} thing" for n in CLASSES}

@@ -7,6 +7,7 @@ another CPU may differ in the last bits; the script then prints the largest diff
     python tools/pretrain_demo.py                 # pre-train, compare with the shipped file
     python tools/pretrain_demo.py --out new.pt    # also keep the fresh weights
 """
+
 import argparse
 import sys
 import time
@@ -32,8 +33,10 @@ def main():
     shipped = torch.load(demo.WEIGHTS, map_location="cpu", weights_only=True)
     diff = max((fresh[k].float() - shipped[k].float()).abs().max().item() for k in shipped)
     same = all(torch.equal(fresh[k], shipped[k]) for k in shipped)
-    print(f"pre-trained in {time.time() - start:.0f}s; {'bit-identical to' if same else f'max |diff| {diff:.3g} from'} "
-          f"{demo.WEIGHTS.name}")
+    print(
+        f"pre-trained in {time.time() - start:.0f}s; {'bit-identical to' if same else f'max |diff| {diff:.3g} from'} "
+        f"{demo.WEIGHTS.name}"
+    )
     return 0 if same else 1
 
 

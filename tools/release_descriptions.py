@@ -10,13 +10,20 @@ runs. `cap.py --as-released --descriptions descriptions/<data>.json` uses them t
 
 The file is read with ast (no code from it is run).
 """
+
 import ast
 import json
 import sys
 from pathlib import Path
 
-OUR_NAMES = {"EuroSAT": "eurosat", "RESICS45": "resisc45", "DTD": "dtd", "Flowers102": "flowers102",
-             "CUB": "cub", "FGVCAircraft": "fgvc_aircraft"}  # the release's dataset names -> our --data names
+OUR_NAMES = {
+    "EuroSAT": "eurosat",
+    "RESICS45": "resisc45",
+    "DTD": "dtd",
+    "Flowers102": "flowers102",
+    "CUB": "cub",
+    "FGVCAircraft": "fgvc_aircraft",
+}  # the release's dataset names -> our --data names
 
 
 def read_text_augs(path):

@@ -14,6 +14,7 @@ published zero-shot cell. A paper cell reads "not published" when no source prin
 transcribed" when a source has one that docs/paper_results.json could not give; an ours cell with no runs
 reads "not run".
 """
+
 import json
 import re
 import statistics
@@ -25,9 +26,11 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "paper_results.json"
 KEYS = ["test_acc", "harmonic_mean", "zeroshot_test_acc", "noisy_label_acc", "pseudolabel_acc"]
 DEFAULT_MODEL = "ViT-B-32"
 # the rows each table always shows; runs of other datasets, settings or models are added below them
-ROWS = {"cap": (["flowers102", "resisc45", "dtd", "eurosat", "cub", "fgvc_aircraft"], ["ul", "ssl", "trzsl"]),
-        "coreg": (["cifar10", "cifar100", "svhn", "fashion_mnist", "eurosat", "fer2013", "gtsrb"], ["npll"]),
-        "zeroshot": (["flowers102", "resisc45", "dtd", "eurosat", "cub", "fgvc_aircraft"], ["ul", "ssl"])}
+ROWS = {
+    "cap": (["flowers102", "resisc45", "dtd", "eurosat", "cub", "fgvc_aircraft"], ["ul", "ssl", "trzsl"]),
+    "coreg": (["cifar10", "cifar100", "svhn", "fashion_mnist", "eurosat", "fer2013", "gtsrb"], ["npll"]),
+    "zeroshot": (["flowers102", "resisc45", "dtd", "eurosat", "cub", "fgvc_aircraft"], ["ul", "ssl"]),
+}
 
 
 def load_results(path=RESULTS):
@@ -136,8 +139,10 @@ def paper_table(root, method, table):
             cells += [paper_text(zcell), zours, difference(zmean, zcell)]
         lines.append(cells)
     trzsl = " (TRZSL: harmonic mean of seen and unseen accuracy)" if "trzsl" in settings else ""
-    print(f"{method}: top-1 %{trzsl}, mean ± sample std over the n runs under {root}; paper values from "
-          "docs/paper_results.json, * = copied from a third-party summary of the paper (see its note)")
+    print(
+        f"{method}: top-1 %{trzsl}, mean ± sample std over the n runs under {root}; paper values from "
+        "docs/paper_results.json, * = copied from a third-party summary of the paper (see its note)"
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for cells in lines:
@@ -170,7 +175,7 @@ def main(argv=None):
         if flag in argv:
             i = argv.index(flag)
             opts[flag] = argv[i + 1]
-            del argv[i:i + 2]
+            del argv[i : i + 2]
     root = Path((argv or ["runs"])[0])
     if "--paper" not in opts:
         return group_lines(root)
