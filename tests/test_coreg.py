@@ -4,13 +4,14 @@
 
 Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP (a few seconds in all).
 """
+
 import copy
+import dataclasses
 import json
 import math
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,36 +28,61 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_default_prompts_are_the_releases_27_small_templates_without_a_full_stop():
     # imagenet_templates_small of the release (utils/utils_experi.py), in its order
-    release = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-               "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-               "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
-               "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
-               "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}",
-               "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
-               "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
-               "a photo of a cool {}", "a photo of a small {}"]
+    release = [
+        "a photo of a {}",
+        "a rendering of a {}",
+        "a cropped photo of the {}",
+        "the photo of a {}",
+        "a photo of a clean {}",
+        "a photo of a dirty {}",
+        "a dark photo of the {}",
+        "a photo of my {}",
+        "a photo of the cool {}",
+        "a close-up photo of a {}",
+        "a bright photo of the {}",
+        "a cropped photo of a {}",
+        "a photo of the {}",
+        "a good photo of the {}",
+        "a photo of one {}",
+        "a close-up photo of the {}",
+        "a rendition of the {}",
+        "a photo of the clean {}",
+        "a rendition of a {}",
+        "a photo of a nice {}",
+        "a good photo of a {}",
+        "a photo of the nice {}",
+        "a photo of the small {}",
+        "a photo of the weird {}",
+        "a photo of the large {}",
+        "a photo of a cool {}",
+        "a photo of a small {}",
+    ]
     assert coreg.parse_args(["--data", "synthetic"]).templates == "small"
     assert common.get_templates("small") == release and len(release) == 27
 
 
 def test_candidate_union_collects_each_templates_top1():
     # 3 templates, 2 images, 4 classes: image 0 -> top-1s {0, 0, 2}, image 1 -> {3, 3, 3}
-    probs = torch.tensor([[[.7, .1, .1, .1], [.1, .1, .1, .7]],
-                          [[.6, .2, .1, .1], [.1, .1, .2, .6]],
-                          [[.3, .1, .5, .1], [.2, .1, .1, .6]]])  # [T, N, C]
+    probs = torch.tensor(
+        [
+            [[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]],
+            [[0.6, 0.2, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]],
+            [[0.3, 0.1, 0.5, 0.1], [0.2, 0.1, 0.1, 0.6]],
+        ]
+    )  # [T, N, C]
     S = coreg.candidate_sets(probs, "union")
     assert S.tolist() == [[True, False, True, False], [False, False, False, True]]
 
 
 def test_candidate_topk_and_ratio_use_the_template_mean():
-    probs = torch.tensor([[[.5, .3, .15, .05]]])  # one template, one image
+    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])  # one template, one image
     assert coreg.candidate_sets(probs, "topk", k=2).tolist() == [[True, True, False, False]]
     # ratio 0.5: keep p >= 0.25 -> classes 0 and 1
     assert coreg.candidate_sets(probs, "ratio", k=4, ratio=0.5).tolist() == [[True, True, False, False]]
 
 
 def test_annotation_stats_hand_values():
-    probs = torch.tensor([[[.9, .1], [.2, .8], [.6, .4]]])  # template 0 labels: 0, 1, 0
+    probs = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]])  # template 0 labels: 0, 1, 0
     S = torch.tensor([[True, False], [True, True], [False, True]])
     stats = coreg.annotation_stats(probs, S, torch.tensor([0, 0, 0]))
     assert stats["cand_size"] == pytest.approx(4 / 3)
@@ -69,7 +95,7 @@ def test_annotation_stats_hand_values():
 
 
 def test_partial_ce_is_minus_log_candidate_mass_and_skips_all_class_sets():
-    logits = torch.tensor([[1., 2., 3., 4.], [5., 0., 0., 0.]]).log()  # p = [.1, .2, .3, .4] in row 0
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 0.0, 0.0, 0.0]]).log()  # p = [.1, .2, .3, .4] in row 0
     S = torch.tensor([[False, True, False, True], [True, True, True, True]])  # row 1: all classes -> skipped
     assert coreg.partial_ce(logits, S).item() == pytest.approx(-math.log(0.6 + 1e-5), abs=1e-6)
     assert coreg.partial_ce(logits[1:], S[1:]).item() == 0.0
@@ -94,19 +120,22 @@ def test_negative_entropy_of_uniform_is_minus_log_c():
 
 
 def test_maxi_cand_loss_uses_the_best_candidate():
-    p = torch.tensor([[.5, .3, .2]])
+    p = torch.tensor([[0.5, 0.3, 0.2]])
     S = torch.tensor([[False, True, True]])
     assert coreg.maxi_cand_loss(p, S).item() == pytest.approx(-math.log(0.3))
 
 
 def test_distribution_alignment_divides_by_the_buffer_mean_not_the_batch_mean():
-    p = torch.tensor([[.9, .1]])
-    buffer = torch.tensor([[.9, .1], [.5, .5]])  # mean [.7, .3]
-    q = coreg.distribution_alignment(p, buffer, torch.tensor([.5, .5]))
-    a, b = .9 / .7, .1 / .3
+    p = torch.tensor([[0.9, 0.1]])
+    buffer = torch.tensor([[0.9, 0.1], [0.5, 0.5]])  # mean [.7, .3]
+    q = coreg.distribution_alignment(p, buffer, torch.tensor([0.5, 0.5]))
+    a, b = 0.9 / 0.7, 0.1 / 0.3
     assert torch.allclose(q[0], torch.tensor([a / (a + b), b / (a + b)]))
-    r = coreg.distribution_alignment(torch.rand(50, 7, generator=torch.Generator().manual_seed(0)).softmax(1),
-                                     torch.full((9, 7), 1 / 7), torch.full((7,), 1 / 7))
+    r = coreg.distribution_alignment(
+        torch.rand(50, 7, generator=torch.Generator().manual_seed(0)).softmax(1),
+        torch.full((9, 7), 1 / 7),
+        torch.full((7,), 1 / 7),
+    )
     assert torch.allclose(r.sum(1), torch.ones(50))
 
 
@@ -123,44 +152,50 @@ class PixelNet(torch.nn.Module):
         return torch.stack([v, torch.zeros_like(v)], 1), None
 
 
-def image_ctx(x, B, g, S=None):
-    """The training context with identity normalisation: pixel value / 255 reaches the network."""
-    return SimpleNamespace(x=x, S=S, mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1), device="cpu", B=B,
-                           g=g, quiet=True, protos=None, pl=None)
+def image_pool(x, B, g, S=None):
+    """The training pool with identity normalisation: pixel value / 255 reaches the network."""
+    return coreg.Pool(
+        x=x, S=S, mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1), device="cpu", batch_size=B, g=g
+    )
 
 
 def test_eval_pass_updates_the_da_buffer_batch_by_batch():
     x = torch.tensor([0, 255, 255, 0], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
-    p_raw = torch.stack([torch.tensor([v, 0.]).softmax(0) for v in (0., 1., 1., 0.)])  # [4, 2]
-    buffer, prior = torch.full((4, 2), 0.5), torch.tensor([.5, .5])
-    p = coreg.eval_pass(PixelNet(4, 4), buffer, prior, image_ctx(x, 2, torch.Generator().manual_seed(0)))
+    p_raw = torch.stack([torch.tensor([v, 0.0]).softmax(0) for v in (0.0, 1.0, 1.0, 0.0)])  # [4, 2]
+    buffer, prior = torch.full((4, 2), 0.5), torch.tensor([0.5, 0.5])
+    p = coreg.eval_pass(PixelNet(4, 4), buffer, prior, image_pool(x, 2, torch.Generator().manual_seed(0)))
     first = torch.cat([p_raw[:2], torch.full((2, 2), 0.5)])  # batch 1 sees the old rows 2-3 in the buffer
     assert torch.allclose(p[:2], coreg.distribution_alignment(p_raw[:2], first, prior), atol=1e-6)
     assert torch.allclose(p[2:], coreg.distribution_alignment(p_raw[2:], p_raw, prior), atol=1e-6)
     assert torch.allclose(buffer, p_raw)
-    off = coreg.eval_pass(PixelNet(4, 4), buffer.clone(), prior, image_ctx(x, 2, torch.Generator()), da=False)
+    off = coreg.eval_pass(PixelNet(4, 4), buffer.clone(), prior, image_pool(x, 2, torch.Generator()), da=False)
     assert torch.allclose(off, p_raw)
 
 
 def test_eval_pass_sees_weak_views():
     x = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
-    p = coreg.eval_pass(PixelNet(0, 0), torch.full((64, 2), .5), torch.tensor([.5, .5]),
-                        image_ctx(x, 64, torch.Generator().manual_seed(0)), da=False)
+    p = coreg.eval_pass(
+        PixelNet(0, 0),
+        torch.full((64, 2), 0.5),
+        torch.tensor([0.5, 0.5]),
+        image_pool(x, 64, torch.Generator().manual_seed(0)),
+        da=False,
+    )
     corner_is_padding = p[:, 0] < 0.6  # softmax([0, 0]) = 0.5 where the crop put zero padding in the corner
     assert 0 < corner_is_padding.sum() < 64
 
 
 def test_sharpen_hand_value_and_identity_at_t_one():
-    p = torch.tensor([[.6, .4]])
-    assert torch.allclose(coreg.sharpen(p, 0.5), torch.tensor([[.36 / .52, .16 / .52]]))
+    p = torch.tensor([[0.6, 0.4]])
+    assert torch.allclose(coreg.sharpen(p, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
     assert torch.allclose(coreg.sharpen(p, 1.0), p)
 
 
 def test_co_refine_interpolates_between_other_net_and_own_prediction():
-    s_hat, p_own = torch.tensor([[1., 0.]]), torch.tensor([[.2, .8]])
-    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([1.]), p_own, 1.0), s_hat)
-    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([0.]), p_own, 1.0), p_own)
-    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([.5]), p_own, 1.0), torch.tensor([[.6, .4]]))
+    s_hat, p_own = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.2, 0.8]])
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([1.0]), p_own, 1.0), s_hat)
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([0.0]), p_own, 1.0), p_own)
+    assert torch.allclose(coreg.co_refine(s_hat, torch.tensor([0.5]), p_own, 1.0), torch.tensor([[0.6, 0.4]]))
 
 
 def test_mixup_targets_sum_to_one_and_stay_nearer_their_own_sample():
@@ -183,7 +218,7 @@ def test_lambda_u_ramp_is_stepped_per_iteration_from_zero():
 
 
 def test_semi_loss_is_zero_for_an_empty_noisy_split():
-    loss_x, loss_u = coreg.semi_loss(torch.zeros(2, 4), torch.full((2, 4), .25), torch.zeros(0, 4), torch.zeros(0, 4))
+    loss_x, loss_u = coreg.semi_loss(torch.zeros(2, 4), torch.full((2, 4), 0.25), torch.zeros(0, 4), torch.zeros(0, 4))
     assert loss_x.item() == pytest.approx(math.log(4)) and loss_u.item() == 0.0
 
 
@@ -213,45 +248,50 @@ def test_supcon_mask_over_queries_keys_and_queue_excludes_self():
     pos, valid = coreg.supcon_mask(labels, clean, torch.tensor([0, 1]), torch.tensor([True, False]))
     T, F_ = True, False
     # columns: q0 q1 q2 | k0 k1 k2 | queue0 (label 0, clean) queue1 (label 1, noisy)
-    assert pos.tolist() == [[F_, F_, F_, T, F_, F_, T, F_],   # clean 0: own key + clean queue 0
-                            [F_, F_, F_, F_, T, F_, F_, F_],  # noisy 0: own key only
-                            [F_, F_, F_, F_, F_, T, F_, F_]]  # clean 1: own key (queue 1 is noisy)
-    assert valid.tolist() == [[F_, F_, T, T, F_, T, T, T],    # self out; same label with a noisy one: ignored
-                              [F_, F_, T, F_, T, T, F_, T],   # noisy anchor: every same-label pair ignored
-                              [T, T, F_, T, T, T, T, F_]]
+    assert pos.tolist() == [
+        [F_, F_, F_, T, F_, F_, T, F_],  # clean 0: own key + clean queue 0
+        [F_, F_, F_, F_, T, F_, F_, F_],  # noisy 0: own key only
+        [F_, F_, F_, F_, F_, T, F_, F_],
+    ]  # clean 1: own key (queue 1 is noisy)
+    assert valid.tolist() == [
+        [F_, F_, T, T, F_, T, T, T],  # self out; same label with a noisy one: ignored
+        [F_, F_, T, F_, T, T, F_, T],  # noisy anchor: every same-label pair ignored
+        [T, T, F_, T, T, T, T, F_],
+    ]
     assert not (pos & ~valid).any()
 
 
 def test_supcon_loss_with_orthogonal_contrasts_hand_value():
     q = torch.eye(4)[:2]  # anchors e0, e1; their keys are the same vectors; queue: e2, e3
     contrast = torch.cat([q, q, torch.eye(4)[2:]])  # [q, k, queue]: 6 rows
-    pos, valid = coreg.supcon_mask(torch.tensor([0, 1]), torch.tensor([True, True]),
-                                   torch.tensor([2, 3]), torch.ones(2, dtype=torch.bool))
+    pos, valid = coreg.supcon_mask(
+        torch.tensor([0, 1]), torch.tensor([True, True]), torch.tensor([2, 3]), torch.ones(2, dtype=torch.bool)
+    )
     expected = -math.log(math.e / (math.e + 4))  # at τ = 1: e^1 for the own key, e^0 for 4 others (self left out)
     assert coreg.supcon_loss(q, contrast, pos, valid, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_prototypes_ema_per_sample_then_renormalised_once_per_batch():
     protos = torch.zeros(2, 3)
-    coreg.update_prototypes(protos, torch.tensor([[1., 0., 0.], [0., 1., 0.]]), torch.tensor([1, 1]), m=0.5)
+    coreg.update_prototypes(protos, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([1, 1]), m=0.5)
     assert protos[0].abs().sum() == 0  # never updated: stays zero
-    assert torch.allclose(protos[1], torch.tensor([1., 2., 0.]) / math.sqrt(5))  # .5·(.5·e0) + .5·e1, normalised
+    assert torch.allclose(protos[1], torch.tensor([1.0, 2.0, 0.0]) / math.sqrt(5))  # .5·(.5·e0) + .5·e1, normalised
 
 
 def test_prototype_loss_is_the_lambda_mix_of_the_two_targets_losses_with_the_mixed_targets_gradient():
     # protos e0, e1 and τ = 0.3: emb rows 0.3·[ln 3, 0], 0.3·[0, ln 3], 0 give p = [3/4, 1/4], [1/4, 3/4], [1/2, 1/2]
     protos = torch.eye(2)
-    emb = (coreg.TAU_PROTO * torch.tensor([[math.log(3), 0.], [0., math.log(3)], [0., 0.]])).requires_grad_()
-    t_a = torch.tensor([[1., 0.], [0., 1.], [1., 0.]])  # rows 0-1 clean (KL, batchmean), row 2 noisy (MSE)
-    t_b = torch.tensor([[0., 1.], [0., 1.], [0., 1.]])
+    emb = (coreg.TAU_PROTO * torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)], [0.0, 0.0]])).requires_grad_()
+    t_a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # rows 0-1 clean (KL, batchmean), row 2 noisy (MSE)
+    t_b = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
     lam, lambda_u = 0.75, 0.5
     L_a = math.log(4 / 3) + lambda_u * 0.25  # KL: log(4/3) in both clean rows; MSE: ((1/2)² + (1/2)²) / 2
     L_b = (math.log(4) + math.log(4 / 3)) / 2 + lambda_u * 0.25
-    loss = coreg.proto_loss(emb, protos, t_a, t_b, lam, 2, lambda_u)
+    loss = coreg.proto_loss(emb, protos, t_a, t_b, lam=lam, n_x=2, lambda_u=lambda_u)
     assert loss.item() == pytest.approx(lam * L_a + (1 - lam) * L_b, rel=1e-6)
     # L(λ t_a + (1 − λ) t_b) = log(4/3)/2 + λ_u · 1/16: a different value, the same gradient
     t_mix = lam * t_a + (1 - lam) * t_b
-    mixed = coreg.proto_loss(emb, protos, t_mix, t_mix, 1.0, 2, lambda_u)
+    mixed = coreg.proto_loss(emb, protos, t_mix, t_mix, lam=1.0, n_x=2, lambda_u=lambda_u)
     assert mixed.item() == pytest.approx(math.log(4 / 3) / 2 + lambda_u / 16, rel=1e-6)
     (g,) = torch.autograd.grad(loss, emb)
     (g_mixed,) = torch.autograd.grad(mixed, emb)
@@ -260,33 +300,38 @@ def test_prototype_loss_is_the_lambda_mix_of_the_two_targets_losses_with_the_mix
 
 def test_queue_starts_random_and_is_a_ring_buffer():
     q = coreg.new_queue(4, 3, torch.Generator().manual_seed(0), "cpu")
-    assert torch.allclose(q["emb"].norm(dim=1), torch.ones(4)) and q["labels"].max() < 3
+    assert torch.allclose(q.emb.norm(dim=1), torch.ones(4)) and q.labels.max() < 3
     for i in range(3):
         coreg.enqueue(q, torch.full((2, coreg.EMB_DIM), float(i)), torch.full((2,), i), torch.ones(2, dtype=torch.bool))
-    assert q["ptr"] == 2 and q["labels"].tolist() == [2, 2, 1, 1]
+    assert q.ptr == 2 and q.labels.tolist() == [2, 2, 1, 1]
+
+
+def moco_peer(net, key):
+    """A network with its key encoder and an 8-entry queue: what contrastive_step uses of a coreg.Peer."""
+    queue = coreg.new_queue(8, 3, torch.Generator().manual_seed(0), "cpu")
+    return coreg.Peer(net=net, key=key, opt=None, queue=queue, pred_dist=None)
 
 
 def test_contrastive_step_updates_key_encoder_and_queue_even_when_the_loss_is_off():
     net = coreg.build_net("narrow", 3, 0, "cpu")
     key = coreg.build_net("narrow", 3, 1, "cpu").requires_grad_(False)
     k0, q0 = next(key.parameters()).clone(), next(net.parameters()).clone()
-    st = {"net": net, "key": key, "queue": coreg.new_queue(8, 3, torch.Generator().manual_seed(0), "cpu")}
+    peer = moco_peer(net, key)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels, clean = torch.tensor([0, 1, 2, 0]), torch.tensor([True, True, False, False])
-    loss = coreg.contrastive_step(st, x, x, labels, clean, on=False)
-    assert loss.item() == 0.0 and st["queue"]["ptr"] == 4 and st["queue"]["labels"][:4].tolist() == [0, 1, 2, 0]
+    loss = coreg.contrastive_step(peer, x, x, labels, clean, on=False)
+    assert loss.item() == 0.0 and peer.queue.ptr == 4 and peer.queue.labels[:4].tolist() == [0, 1, 2, 0]
     assert torch.allclose(next(key.parameters()), coreg.MOCO_M * k0 + (1 - coreg.MOCO_M) * q0)
-    assert coreg.contrastive_step(st, x, x, labels, clean, on=True).item() > 0 and st["queue"]["ptr"] == 0
+    assert coreg.contrastive_step(peer, x, x, labels, clean, on=True).item() > 0 and peer.queue.ptr == 0
 
 
 def test_contrastive_step_runs_the_query_pass_so_batchnorm_statistics_move_while_the_loss_is_off():
     net = coreg.build_net("narrow", 3, 0, "cpu").train()
-    st = {"net": net, "key": copy.deepcopy(net).requires_grad_(False),
-          "queue": coreg.new_queue(8, 3, torch.Generator().manual_seed(0), "cpu")}
+    peer = moco_peer(net, copy.deepcopy(net).requires_grad_(False))
     bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = bn.running_mean.clone(), bn.num_batches_tracked.item()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    loss = coreg.contrastive_step(st, x, x, torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.bool), on=False)
+    loss = coreg.contrastive_step(peer, x, x, torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.bool), on=False)
     assert loss.item() == 0.0 and not loss.requires_grad
     assert bn.num_batches_tracked.item() == before[1] + 1 and not torch.equal(bn.running_mean, before[0])
     assert all(p.grad is None for p in net.parameters())  # the query pass builds no graph while the loss is off
@@ -294,13 +339,12 @@ def test_contrastive_step_runs_the_query_pass_so_batchnorm_statistics_move_while
 
 def test_divide_recopies_the_key_encoder_and_extends_the_loss_history():
     net, key = coreg.build_net("narrow", 3, 0, "cpu"), coreg.build_net("narrow", 3, 1, "cpu")
-    st = {"net": net, "key": key, "loss_history": [], "pred_dist": torch.full((6, 3), 1 / 3)}
+    peer = coreg.Peer(net=net, key=key, opt=None, queue=None, pred_dist=torch.full((6, 3), 1 / 3))
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     S = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]).bool()
-    args = SimpleNamespace(da=True, p_threshold=0.5)
-    div = coreg.divide(st, torch.full((3,), 1 / 3), image_ctx(x, 4, torch.Generator(), S), args)
+    div = coreg.divide(peer, torch.full((3,), 1 / 3), image_pool(x, 4, torch.Generator(), S), da=True, p_threshold=0.5)
     assert all(torch.equal(a, b) for a, b in zip(key.state_dict().values(), net.state_dict().values()))
-    assert len(st["loss_history"]) == 1 and div["w"].shape == (6,) and div["s_hat"].shape == (6, 3)
+    assert len(peer.loss_history) == 1 and div.w.shape == (6,) and div.s_hat.shape == (6, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -327,21 +371,40 @@ def test_networks_return_logits_and_unit_embeddings_at_32_and_64_px():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_learning_rate_runs_a_cosine_from_lr_to_a_thousandth_over_the_period(monkeypatch):
-    monkeypatch.setattr(coreg, "warmup_epoch", lambda net, opt, pred_dist, ctx: {"loss": 0.0})
-    args = coreg.parse_args(["--data", "synthetic", "--arch", "narrow", "--queue-size", "8", "--warm-up", "1000",
-                             "--lr", "0.01", "--epochs", "100"])
-    states = coreg.build_states(args, 3, 4, torch.Generator().manual_seed(0), "cpu")
+def build_peers(args, C, N, g):
+    """Both networks' training state, as main builds it from the flags."""
+    nets = [coreg.build_net(args.arch, C, 1000 * args.seed + k, "cpu") for k in range(2)]
+    return [coreg.new_peer(net, args.lr, coreg.new_queue(args.queue_size, C, g, "cpu"), N) for net in nets]
 
-    def lr_at(epoch):
-        coreg.run_epoch(states, None, args, epoch, None)
-        return [group["lr"] for st in states for group in st["opt"].param_groups]
+
+def test_learning_rate_runs_a_cosine_from_lr_to_a_thousandth_over_the_period():
+    args = coreg.parse_args(
+        [
+            "--data",
+            "synthetic",
+            "--arch",
+            "narrow",
+            "--queue-size",
+            "8",
+            "--warm-up",
+            "1000",
+            "--lr",
+            "0.01",
+            "--epochs",
+            "100",
+        ]
+    )
+    peers = build_peers(args, 3, 4, torch.Generator().manual_seed(0))
+    assert args.cosine_epochs is None  # main's period is then --epochs
+
+    def lr_at(epoch, period=args.epochs):
+        coreg.set_lr([peer.opt for peer in peers], args.lr, epoch, period)
+        return [group["lr"] for peer in peers for group in peer.opt.param_groups]
 
     assert lr_at(0) == pytest.approx([0.01, 0.01])
     assert lr_at(50) == pytest.approx([0.01 * (1e-3 + (1 - 1e-3) * 0.5)] * 2)
     assert lr_at(100) == pytest.approx([1e-5, 1e-5])
-    args.cosine_epochs = 800
-    assert min(lr_at(100)) > 0.009  # the released 800-epoch period stops at a high LR
+    assert min(lr_at(100, period=800)) > 0.009  # the released 800-epoch period (--cosine-epochs 800) stops at a high LR
     assert common.cosine(100, 100, floor=1e-3) == pytest.approx(1e-3) and common.cosine(0, 100, floor=1e-3) == 1.0
 
 
@@ -352,18 +415,35 @@ def test_learning_rate_runs_a_cosine_from_lr_to_a_thousandth_over_the_period(mon
 def co_world(n_clean, n_noisy, B, C=3, size=8):
     """Both networks' states and a division with the first n_clean images clean. Clean images are white,
     noisy ones black, so a network's input tells which split it came from (max 1 vs 0 after the identity
-    normalisation). -> (args, ctx, states, div)"""
+    normalisation). -> (flags, pool, peers, div)"""
     N = n_clean + n_noisy
-    args = coreg.parse_args(["--data", "synthetic", "--arch", "narrow", "--queue-size", "64", "--warm-up", "2"])
+    args = coreg.parse_args(
+        ["--data", "synthetic", "--arch", "narrow", "--queue-size", "64", "--warm-up", "2", "--quiet"]
+    )
+    flags = coreg.CoTrainFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(coreg.CoTrainFlags)})
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.full((n_clean, 3, size, size), 255, dtype=torch.uint8),
-                   torch.zeros((n_noisy, 3, size, size), dtype=torch.uint8)])
+    x = torch.cat(
+        [
+            torch.full((n_clean, 3, size, size), 255, dtype=torch.uint8),
+            torch.zeros((n_noisy, 3, size, size), dtype=torch.uint8),
+        ]
+    )
     S = F.one_hot(torch.arange(N) % C, C).bool() | F.one_hot((torch.arange(N) + 1) % C, C).bool()
-    ctx = image_ctx(x, B, g, S)
-    ctx.protos, ctx.pl = torch.zeros(C, coreg.EMB_DIM), torch.zeros(N, dtype=torch.long)
-    states = coreg.build_states(args, C, N, g, "cpu")
-    div = {"clean": torch.arange(N) < n_clean, "w": torch.full((N,), 0.9), "s_hat": S.float() / S.sum(1, keepdim=True)}
-    return args, ctx, states, div
+    pool = image_pool(x, B, g, S)
+    peers = build_peers(args, C, N, g)
+    s_hat = S.float() / S.sum(1, keepdim=True)
+    div = coreg.Division(w=torch.full((N,), 0.9), clean=torch.arange(N) < n_clean, s_hat=s_hat)
+    return flags, pool, peers, div
+
+
+def train_first(flags, pool, peers, div, epoch):
+    """coreg.train_epoch of the first network on div, the second one co-guessing, with fresh prototypes and
+    pseudo-labels. -> its mean losses"""
+    protos = torch.zeros(div.s_hat.shape[1], coreg.EMB_DIM)
+    pseudolabels = torch.zeros(len(pool.x), dtype=torch.long)
+    return coreg.train_epoch(
+        peers[0], peers[1].net, div, pool, protos=protos, pseudolabels=pseudolabels, flags=flags, epoch=epoch
+    )
 
 
 def record_inputs(net):
@@ -373,6 +453,7 @@ def record_inputs(net):
     def logged(x):
         seen.append((len(x), "x" if x.amax() > 0.5 else "u"))
         return forward(x)
+
     net.forward = logged
     return seen
 
@@ -394,9 +475,9 @@ class IndexLog:
 def test_weak_views_of_each_split_go_through_the_training_network_as_separate_batches_in_the_releases_order():
     # release train(): net(u_w1), net(u_w2), net2(u_w1), net2(u_w2), then net(x_w1), net(x_w2): BatchNorm
     # normalises each view of each split with that batch's own statistics
-    args, ctx, states, div = co_world(n_clean=8, n_noisy=8, B=8)
-    net_seen, other_seen = record_inputs(states[0]["net"]), record_inputs(states[1]["net"])
-    coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, args.warm_up)
+    flags, pool, peers, div = co_world(n_clean=8, n_noisy=8, B=8)
+    net_seen, other_seen = record_inputs(peers[0].net), record_inputs(peers[1].net)
+    train_first(flags, pool, peers, div, flags.warm_up)
     assert net_seen[:4] == [(8, "u"), (8, "u"), (8, "x"), (8, "x")]  # targets: u_w1, u_w2, x_w1, x_w2
     assert [n for n, _ in net_seen[4:]] == [32, 16]  # then the mixed strong views, then the contrastive queries
     assert other_seen == [(8, "u"), (8, "u")]  # the other network guesses from u_w1 and u_w2
@@ -404,59 +485,81 @@ def test_weak_views_of_each_split_go_through_the_training_network_as_separate_ba
 
 def test_each_epoch_is_one_pass_over_the_data_with_a_short_last_batch():
     # warm-up: every image once in batches of 2B (DataLoader, shuffle=True); 10 images, B = 2 -> 4, 4, 2
-    _, ctx, states, _ = co_world(n_clean=10, n_noisy=0, B=2)
-    ctx.S = IndexLog(ctx.S)
-    coreg.warmup_epoch(states[0]["net"], states[0]["opt"], states[0]["pred_dist"], ctx)
-    assert [len(i) for i in ctx.S.reads] == [4, 4, 2]
-    assert torch.cat(ctx.S.reads).sort().values.tolist() == list(range(10))
+    _, pool, peers, _ = co_world(n_clean=10, n_noisy=0, B=2)
+    pool.S = IndexLog(pool.S)
+    coreg.warmup_epoch(peers[0], pool, quiet=True)
+    assert [len(i) for i in pool.S.reads] == [4, 4, 2]
+    assert torch.cat(pool.S.reads).sort().values.tolist() == list(range(10))
     # co-training: every clean image once (10 clean, B = 4 -> 4, 4, 2), the noisy split cycled alongside
-    args, ctx, states, div = co_world(n_clean=10, n_noisy=6, B=4)
-    div["w"] = IndexLog(div["w"])  # read once per step, with the clean batch
-    coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, args.warm_up)
-    assert [len(i) for i in div["w"].reads] == [4, 4, 2]
-    assert torch.cat(div["w"].reads).sort().values.tolist() == list(range(10))
+    flags, pool, peers, div = co_world(n_clean=10, n_noisy=6, B=4)
+    div.w = IndexLog(div.w)  # read once per step, with the clean batch
+    train_first(flags, pool, peers, div, flags.warm_up)
+    assert [len(i) for i in div.w.reads] == [4, 4, 2]
+    assert torch.cat(div.w.reads).sort().values.tolist() == list(range(10))
 
 
 def test_lambda_u_ramp_counts_the_releases_n_clean_over_b_plus_one_steps_an_epoch():
     # release: num_iter = len(labeled set) // batch_size + 1, so with 8 clean images in batches of 4 the loop runs
     # 2 steps and the last one is at progress epoch + 1/3 (not epoch + 1/2)
     assert coreg.ramp_steps(8, 4) == 3 and coreg.ramp_steps(10, 4) == 3 and coreg.ramp_steps(3, 4) == 1
-    args, ctx, states, div = co_world(n_clean=8, n_noisy=4, B=4)
-    epoch = args.warm_up + 1
-    out = coreg.train_epoch(states[0], states[1]["net"], div, ctx, args, epoch)
+    flags, pool, peers, div = co_world(n_clean=8, n_noisy=4, B=4)
+    out = train_first(flags, pool, peers, div, flags.warm_up + 1)
     assert out["lambda_u"] == pytest.approx((1 + 1 / 3) / 16)  # λ_u = 1 · (epoch + 1/3 − warm_up) / 16 = 1/12
 
 
 def test_an_epoch_with_no_clean_sample_runs_no_iteration():
-    args, ctx, states, div = co_world(n_clean=0, n_noisy=6, B=4)
-    st = states[0]
-    before = copy.deepcopy(st["net"].state_dict())
-    steps, step = [], st["opt"].step
-    st["opt"].step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
-    out = coreg.train_epoch(st, states[1]["net"], div, ctx, args, args.warm_up + 5)
+    flags, pool, peers, div = co_world(n_clean=0, n_noisy=6, B=4)
+    peer = peers[0]
+    before = copy.deepcopy(peer.net.state_dict())
+    steps, step = [], peer.opt.step
+    peer.opt.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    out = train_first(flags, pool, peers, div, flags.warm_up + 5)
     assert steps == [] and out["loss"] == 0.0
-    assert all(torch.equal(before[k], v) for k, v in st["net"].state_dict().items())  # weights and BN statistics
+    assert all(torch.equal(before[k], v) for k, v in peer.net.state_dict().items())  # weights and BN statistics
 
 
 def test_run_sh_passes_coreg_one_epoch_more_than_the_releases_flag():
     # release train.py loops over range(num_epochs + 1); its flag is 800 on CIFAR / SVHN, 100 on the others
     env = {**os.environ, "PYTHON": "echo", "SEEDS": "1"}  # echo prints each command line instead of running it
-    out = subprocess.run(["bash", "run.sh", "coreg"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        ["bash", "run.sh", "coreg"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     epochs = {}
     for line in out.splitlines():
         words = line.split()
         if words[:1] == ["coreg.py"]:
             epochs[words[words.index("--data") + 1]] = int(words[words.index("--epochs") + 1])
-    assert epochs == {"cifar10": 801, "cifar100": 801, "svhn": 801, "fashion_mnist": 101, "eurosat": 101,
-                      "fer2013": 101, "gtsrb": 101}
+    assert epochs == {
+        "cifar10": 801,
+        "cifar100": 801,
+        "svhn": 801,
+        "fashion_mnist": 101,
+        "eurosat": 101,
+        "fer2013": 101,
+        "gtsrb": 101,
+    }
 
 
 # -----------------------------------------------------------------------------
 # End to end (CPU, synthetic data, random tiny CLIP)
 
-SMOKE = ["--data", "synthetic", "--clip-model", "tiny", "--pretrained", "none", "--arch", "narrow",
-         "--epochs", "3", "--warm-up", "1", "--start-cont", "0", "--quiet"]
+SMOKE = [
+    "--data",
+    "synthetic",
+    "--clip-model",
+    "tiny",
+    "--pretrained",
+    "none",
+    "--arch",
+    "narrow",
+    "--epochs",
+    "3",
+    "--warm-up",
+    "1",
+    "--start-cont",
+    "0",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -465,9 +568,10 @@ def smoke(tmp_path_factory):
     tmp, threads = tmp_path_factory.mktemp("coreg"), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runs = {name: coreg.main(SMOKE + ["--cache-dir", str(tmp / "cache"), "--out-dir", str(tmp / name),
-                                          "--seed", seed])
-                for name, seed in (("a", "1"), ("b", "1"), ("c", "2"))}
+        runs = {
+            name: coreg.main(SMOKE + ["--cache-dir", str(tmp / "cache"), "--out-dir", str(tmp / name), "--seed", seed])
+            for name, seed in (("a", "1"), ("b", "1"), ("c", "2"))
+        }
     finally:
         torch.set_num_threads(threads)
     return tmp, runs
@@ -476,8 +580,16 @@ def smoke(tmp_path_factory):
 def test_smoke_run_writes_results_and_networks(smoke):
     tmp, runs = smoke
     m = runs["a"]
-    for key in ("test_acc", "test_acc_net1", "test_acc_net2", "pseudolabel_acc", "clean_frac", "cand_coverage",
-                "noisy_label_acc", "zeroshot_test_acc"):
+    for key in (
+        "test_acc",
+        "test_acc_net1",
+        "test_acc_net2",
+        "pseudolabel_acc",
+        "clean_frac",
+        "cand_coverage",
+        "noisy_label_acc",
+        "zeroshot_test_acc",
+    ):
         assert 0.0 <= m[key] <= 1.0, key
     assert 1.0 <= m["cand_size"] <= 4.0 and m["params_deployed"] > 0 and m["params_clip_image"] > 0
     res = json.loads((tmp / "a" / "results.json").read_text())
@@ -531,9 +643,16 @@ def test_progress_is_not_silenced_when_stdout_is_a_log_file(tmp_path, monkeypatc
     """Without --quiet, Co-Reg's long loops report progress in a log file too (one plain line every 30 s)."""
     seen = []
     real = coreg.common.progress
-    monkeypatch.setattr(coreg.common, "progress", lambda it, desc, quiet=False, **kw: seen.append(quiet) or
-                        real(it, desc, quiet, **kw))
-    flags = [f for f in SMOKE if f != "--quiet"] + ["--epochs", "2", "--cache-dir", str(tmp_path / "c"),
-                                                    "--out-dir", str(tmp_path / "o")]
+    monkeypatch.setattr(
+        coreg.common, "progress", lambda it, desc, quiet=False, **kw: seen.append(quiet) or real(it, desc, quiet, **kw)
+    )
+    flags = [f for f in SMOKE if f != "--quiet"] + [
+        "--epochs",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
     coreg.main(flags)  # pytest captures stdout: not a terminal
     assert seen and not any(seen)
