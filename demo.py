@@ -115,7 +115,7 @@ CAPTION_TEMPLATES = [
     "a texture of {}.",
 ]
 BLANK_CAPTIONS = ["a photo.", "an image.", "a blank photo.", "a plain photo.", "a blank image."]
-PRETRAIN_THREADS = 2  # the weights depend on it (float sums); 700 steps take about 4 min on 2 CPU cores
+PRETRAIN_THREADS = 2  # the weights depend on it (float sums); its run time: docs/usage.md
 # 'tiny-demo': 32-px open_clip ViT, width 64, 3 layers, 8x8 patches of 4 px (fine enough for the patterns).
 CLIP_CONFIG = {
     "embed_dim": 64,
@@ -440,17 +440,14 @@ def _readable(path):
 
 def clip_weights(cache_dir, quiet=False):
     """--pretrained demo -> a weights file: the shipped assets/demo_clip_v<VERSION>.pt, else one pre-trained
-    earlier into --cache-dir, else pre-train now (about 3 min on 2 CPU cores) and cache it there."""
+    earlier into --cache-dir, else pre-train now (minutes on a CPU: docs/usage.md) and cache it there."""
     cached = Path(cache_dir) / WEIGHTS.name
     for path in (WEIGHTS, cached):
         if path.exists():
             if _readable(path):
                 return path
             print(f"demo CLIP: {path} is unreadable (truncated?); not using it", file=sys.stderr)
-    print(
-        f"demo CLIP: pre-training the tiny CLIP on synthetic image-caption pairs into {cached} "
-        f"(about 3 min on 2 CPU cores)"
-    )
+    print(f"demo CLIP: pre-training the tiny CLIP on synthetic image-caption pairs into {cached} (minutes on a CPU)")
     start = time.time()
     model, _, tokenizer = common.load_clip("tiny-demo", "none")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Commands for the papers' tables, and a smoke form that runs offline in minutes.
+# Commands for the papers' tables, and a smoke form that runs offline on a CPU.
 #   bash run.sh smoke     # tiny random CLIP on generated images: checks that everything runs
 #   bash run.sh demo      # the offline demo world, 3 seeds (zero-shot, CAP, CAP as released, Co-Reg)
 #   bash run.sh cap       # CAP Table 1 as released (--as-released): 6 datasets x UL/SSL/TRZSL x seeds 1-3 (needs data + a GPU)

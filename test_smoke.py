@@ -1,5 +1,5 @@
 """Smoke test: every script runs end to end, in-process, on the tiny random CLIP and generated images
-(zero-shot, CAP in UL, SSL and TRZSL, Co-Reg), and writes results.json as strict JSON. A few seconds on 2 cores.
+(zero-shot, CAP in UL, SSL and TRZSL, Co-Reg), and writes results.json as strict JSON. Run time: docs/usage.md.
 
 Run: python -m pytest -q test_smoke.py          (the unit tests: python -m pytest -q tests/)
 """

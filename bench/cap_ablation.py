@@ -5,7 +5,7 @@ and with that one release behaviour turned on (`--release NAME`), plus all of th
 then prints the markdown table of docs/cap.md (test accuracy, TRZSL: harmonic mean; mean ± std over seeds).
 Behaviours that only act in SSL or TRZSL are measured in that setting.
 
-    python bench/cap_ablation.py                  # ~40 runs of ~20-60 s on 2 CPU cores
+    python bench/cap_ablation.py                  # ~40 demo runs (run times: docs/usage.md)
     python bench/cap_ablation.py --table-only     # re-print the table from runs/cap_ablation
     python bench/cap_ablation.py --jobs 12 --device cpu   # on a many-core machine; unknown flags go to cap.py
 """

@@ -2,7 +2,7 @@
 
     python -m pytest -q tests/test_coreg.py
 
-Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP (a few seconds in all).
+Offline and CPU-only: the smoke runs use --data synthetic and the random 'tiny' CLIP.
 """
 
 import copy

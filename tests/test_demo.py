@@ -1,6 +1,6 @@
 """Tests for the offline demo world (demo.py): the generated dataset, the tiny CLIP's pre-training, its
 shipped weights, and the planted concept mismatch / confusion and label noise that CAP and Co-Reg are
-meant to fix, with the two methods' acceptance runs on the demo (CAP about 30 s, Co-Reg about 80 s).
+meant to fix, with the two methods' acceptance runs on the demo (run times: docs/usage.md).
 
 The tests use the shipped weights (assets/demo_clip_v<VERSION>.pt); nothing here pre-trains the full
 demo CLIP. CPU only, offline.

@@ -303,7 +303,7 @@ def test_a_truncated_demo_weights_file_is_reported_in_one_line_and_pre_trained_a
     monkeypatch.setattr(demo, "WEIGHTS", shipped)  # missing when where == "cached"
     calls = []
 
-    def pretrain(model, tokenizer, **kw):  # stands in for the 3-4 min pre-training: the control flow is tested
+    def pretrain(model, tokenizer, **kw):  # stands in for the minutes-long pre-training: the control flow is tested
         calls.append(kw)
         return model.eval()
 

@@ -1,5 +1,5 @@
 """Unit tests for the hand-written K-Means (common.kmeans) and CAP's K-Means mismatch detection
-(cap.detect_mismatch). CPU, a few seconds.
+(cap.detect_mismatch). CPU only.
 
 Run from the repository root: python -m pytest -q tests/test_kmeans.py
 """

@@ -1,8 +1,8 @@
 """Pre-train the demo world's tiny CLIP from scratch and compare it with the shipped weights.
 
-The repository ships assets/demo_clip_v<VERSION>.pt so that the demo runs in seconds; this script shows they
-are what demo.pretrain gives (about 4 min on 2 CPU cores). Float sums depend on the CPU's vector units, so
-another CPU may differ in the last bits; the script then prints the largest difference.
+The repository ships assets/demo_clip_v<VERSION>.pt so that no demo command waits for a pre-training; this script
+shows they are what demo.pretrain gives (its run time: docs/usage.md). Float sums depend on the CPU's vector units,
+so another CPU may differ in the last bits; the script then prints the largest difference.
 
     python tools/pretrain_demo.py                 # pre-train, compare with the shipped file
     python tools/pretrain_demo.py --out new.pt    # also keep the fresh weights
