@@ -64,6 +64,14 @@ RELEASE_BEHAVIOURS = {
     "ssl-draw": "SSL shots: numpy reseeded with 0 before each class",
     "eurosat-pool": "EuroSAT: the test images stay in the unlabeled pool (data.py)",
 }
+# The ablations: each --no-NAME switches off one component (all on in the paper; bench/cap_components.sh).
+ABLATIONS = {
+    "alignment": "§3.1 concept alignment",
+    "margin": "§3.2 margin (off: plain CE)",
+    "pseudo": "pseudo adapter (L_UL)",
+    "main": "main adapter (L_PL)",
+    "expansion": "§4.6 D_PL expansion",
+}
 RELEASE_PROMPT = "a photo of a {{}}{}"  # .format(name) -> "a photo of a {}name", the release's f"{template}{name}"
 
 
@@ -71,21 +79,12 @@ def parse_args(argv=None):
     """The shared flags (common.add_common_args) and CAP's; a dataset's DATASET_DEFAULTS apply unless typed."""
     p = argparse.ArgumentParser(description="CAP (ICML 2025)")
     common.add_common_args(p, data.DATASETS)
-    p.add_argument(
-        "--mode",
-        default="ul",
-        choices=["ul", "ssl", "trzsl"],
-        help="ul (no labels), ssl (2 labels per class), trzsl (labels for the seen classes only)",
-    )
+    modes = ["ul", "ssl", "trzsl"]  # no labels, 2 labels per class, labels for the seen classes only (§4.1)
+    p.add_argument("--mode", default="ul", choices=modes, help="setting: ul, ssl or trzsl (§4.1)")
     p.add_argument("--split-seed", type=int, default=500, help="TRZSL seen/unseen split seed (§1.2: 500, 0, 200)")
     # §3.1 concept alignment
     p.add_argument("--mismatch-t", type=common.nonneg_int, default=None, help="stop removal at t classes (⌈C/10⌉)")
-    p.add_argument(
-        "--detect",
-        default="exact",
-        choices=["exact", "fast"],
-        help="§3.1 K-Means after each removal: from scratch (paper) or warm-started (fast)",
-    )
+    p.add_argument("--detect", default="exact", choices=["exact", "fast"], help="§3.1 K-Means: from scratch or warm")
     p.add_argument("--kmeans-restarts", type=common.positive_int, default=20, help="§3.1 K-Means seedings kept best of")
     p.add_argument("--n-main", type=common.positive_int, default=16, help="K: initial D_PL images per class (§4.2)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible server base URL for class descriptions")
@@ -105,17 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--wd", type=common.nonneg_float, default=0.1, help="SGD weight decay (§4.7)")
     p.add_argument("--expand-every", type=common.positive_int, default=5, help="D_PL expansion period (§4.6)")
     p.add_argument("--max-main-ratio", type=common.positive_float, default=0.8, help="D_PL growth cap ratio (§4.6)")
-    # ablations: each switches off one component of the method (all on in the paper; bench/cap_components.sh)
-    common.add_ablation_switches(
-        p,
-        {
-            "alignment": "§3.1 concept alignment",
-            "margin": "§3.2 margin (off: plain CE)",
-            "pseudo": "pseudo adapter (L_UL)",
-            "main": "main adapter (L_PL)",
-            "expansion": "§4.6 D_PL expansion",
-        },
-    )
+    # ablations (ABLATIONS)
+    common.add_ablation_switches(p, ABLATIONS)
     p.add_argument("--checkpoint", default=None, help="prompt checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
     # the released code (default: the paper's formulas)
@@ -256,32 +246,95 @@ def detect_mismatch(image_features, text_features, zs_pred, t, seed=0, n_init=20
     """Iterative clustering (§3.1): remove the best-matched (class, cluster) pair until ≤ t classes remain.
     image_features [N, D], text_features [C, D] unit rows, zs_pred [N] zero-shot labels, on any device; scale:
     CLIP's logit scale. Each K-Means keeps the best of n_init seedings (release: scikit-learn's 10), from scratch as
-    in the paper and the release; fast (1,000 classes) warm-starts it from the last centres less the removed one.
+    in the paper and the release. fast (1,000 classes): the first K-Means is from scratch, each later one goes on
+    from the last centres less the removed one with common.kmeans(init=...)'s passes and stopping rule, recomputing
+    only the rows and cluster sums that a removal or a moved centre can change; the zero-shot logits once for all.
     -> (Y_MM = Y_final ∩ Y_low-t, or Y_final for zs_pred None as released; leftover centres [|Y_final|, D])"""
-    N, C = len(image_features), len(text_features)
+    N = len(image_features)
+    C = len(text_features)
+    dev = image_features.device
     avg_size = N // C
-    classes, images, init = list(range(C)), torch.arange(N, device=image_features.device), None
-    while len(classes) > t and len(images) >= len(classes):
-        R, f = len(classes), image_features[images]  # f [n, D]
-        centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init, init=init)
-        odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
-        i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
-        # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
-        # (log-softmax ranks as its softmax does, without ties where P rounds to 1); cluster j* first, ≤ avg_size
-        z = scale * f @ text_features[classes].T  # [n, R] zero-shot logits
-        ranked = (z.argmax(1) == i).nonzero().flatten()  # [m]
-        ranked = ranked[z[ranked].log_softmax(1)[:, i].argsort(descending=True, stable=True)]
-        in_j = assign[ranked] == j  # [m]
-        used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
-        used[torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]] = True
-        images, classes = images[~used], classes[:i] + classes[i + 1 :]
-        init = torch.cat([centres[:j], centres[j + 1 :]]) if fast else None  # [R-1, D]
+    classes = list(range(C))  # the classes left
+    images = torch.arange(N, device=dev)  # the images left
+    if not fast:  # the paper's loop: K-Means from scratch after each removal
+        while len(classes) > t and len(images) >= len(classes):
+            R = len(classes)
+            f = image_features[images]  # [n, D]
+            centres, assign, _ = common.kmeans(f, R, seed=seed, spherical=True, n_init=n_init)
+            odds = match_log_odds(scale * text_features[classes] @ centres.T)  # [R, R], monotone in P
+            i, j = divmod(odds.argmax().item(), R)  # the global best (class i*, cluster j*) pair
+            # images zero-shot predicts as i* (among remaining classes), most confident first as in the release
+            # (log-softmax ranks as its softmax does, without ties where P rounds to 1); cluster j* first, ≤ avg_size
+            z = scale * f @ text_features[classes].T  # [n, R] zero-shot logits
+            ranked = (z.argmax(1) == i).nonzero().flatten()  # [m]
+            ranked = ranked[z[ranked].log_softmax(1)[:, i].argsort(descending=True, stable=True)]
+            in_j = assign[ranked] == j  # [m]
+            used = torch.zeros(len(images), dtype=torch.bool, device=images.device)  # on the features' device
+            used[torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]] = True
+            images = images[~used]
+            classes = classes[:i] + classes[i + 1 :]
+    else:  # the same loop over all N rows, `alive` marking the images left; the state is patched, not rebuilt
+        x = image_features.float()  # [N, D]
+        alive = torch.ones(N, dtype=torch.bool, device=dev)  # [N]
+        x_sq = torch.linalg.vector_norm(x, dim=1) ** 2  # [N], as common.kmeans has it
+        chunk = max(64, 2**22 // C)  # rows per distance block
+        z = scale * image_features @ text_features.T  # [N, C] zero-shot logits (−inf: a removed class)
+        pred = z.argmax(1)  # [N] zero-shot class among the remaining ones
+        c = common.kmeans(x, C, seed=seed, spherical=True, n_init=n_init)[0]  # [R, D] centres
+        assign, dist, sums, counts = common._assign(x, x_sq, c, chunk)  # [N], [N] squared distance, [R, D], [R]
+        dirty = torch.zeros(C, dtype=torch.bool, device=dev)  # [R] clusters whose sums are out of date
+        while len(classes) > t and int(alive.sum()) >= len(classes):
+            R = len(classes)
+            # after a removal, K-Means from the centres less j* (as they are: kmeans would re-normalise them, a
+            # round-off change): pass 0 re-assigns cluster j*'s rows; an update moves few centres, and a row can
+            # change cluster only if its own centre moved or a moved one is now as near as its own
+            history = []
+            for step in range(26 if R < C else 0):  # pass 0, then ≤ 25 updates (common.kmeans's n_iter, tol)
+                if step:
+                    xa = x[alive] if (counts == 0).any() else x  # read only to re-seed empty clusters (as kmeans does)
+                    new = common._update_centroids(xa, sums, counts, dist[alive], c, True)  # [R, D]
+                    moved = (new != c).any(1)  # [R]; none moved: the same assignment, K-Means stops
+                    if not moved.any():
+                        break
+                    c = new
+                    cm = new[moved]  # [M, D] the centres that moved
+                    near = torch.addmm((cm * cm).sum(1), x, cm.T, alpha=-2).amin(1).add_(x_sq).clamp_min_(0)  # [N]
+                    stale = alive & (moved[assign] | (near <= dist))
+                rows = stale.nonzero().flatten()  # [r] rows to re-assign
+                a, d, _, _ = common._assign(x[rows], x_sq[rows], c, chunk)  # [r], [r]
+                same = torch.equal(a, assign[rows])
+                dirty[assign[rows]] = True  # the clusters these rows leave or join: their sums are redone
+                dirty[a] = True
+                assign[rows] = a
+                dist[rows] = d
+                members = (alive & dirty[assign]).nonzero().flatten()  # [s] summed in row order, as _assign does
+                sums[dirty] = 0
+                sums.index_add_(0, assign[members], x[members])
+                counts = torch.bincount(assign[alive], minlength=R)  # [R]
+                dirty = torch.zeros_like(dirty)
+                history.append(dist[alive].sum().item())
+                if step and (same or history[-2] - history[-1] <= 1e-4 * history[-2]):
+                    break
+            odds = match_log_odds(scale * text_features[classes] @ c.T)  # [R, R]
+            i, j = divmod(odds.argmax().item(), R)
+            keep = torch.tensor(classes, device=dev)  # [R] remaining class ids
+            ranked = (alive & (pred == classes[i])).nonzero().flatten()  # [m]
+            ranked = ranked[z[ranked][:, keep].log_softmax(1)[:, i].argsort(descending=True, stable=True)]
+            in_j = assign[ranked] == j  # [m]
+            used = torch.cat([ranked[in_j], ranked[~in_j]])[:avg_size]  # [≤ avg_size]
+            alive[used] = False
+            z[:, classes[i]] = float("-inf")  # i* leaves: the images it was predicted for take their next class
+            again = (alive & (pred == classes.pop(i))).nonzero().flatten()  # [g]
+            pred[again] = z[again].argmax(1)
+            dirty[assign[used]] = True
+            stale = alive & (assign == j)  # [N] the rows pass 0 re-assigns
+            c, sums, dirty = (torch.cat([v[:j], v[j + 1 :]]) for v in (c, sums, dirty))  # [R-1, D], .., [R-1]
+            assign = (assign - (assign > j).long()).masked_fill_(stale | ~alive, 0)  # [N] ids without j* (0: none)
+        images = alive.nonzero().flatten()
     k = min(len(classes), len(images))  # the leftover images' clusters, one per leftover class
-    centres = (
-        common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0]
-        if k
-        else image_features[:0]
-    )
+    centres = image_features[:0]  # [0, D] when nothing is left
+    if k:
+        centres = common.kmeans(image_features[images], k, seed=seed, spherical=True, n_init=n_init)[0]  # [k, D]
     return (classes if zs_pred is None else intersect_low_t(classes, zs_pred, t, C)), centres
 
 
@@ -320,10 +373,8 @@ def class_descriptions(
     if descriptions_file:
         found = load_descriptions(descriptions_file)  # may describe more classes than those asked for
         if missing := [c for c in classnames if not found.get(c)]:
-            print(
-                f"warning: {descriptions_file} has no descriptions for {missing}; they keep class-name prompts",
-                file=sys.stderr,
-            )
+            why = f"{descriptions_file} has no descriptions for {missing}; they keep class-name prompts"
+            print(f"warning: {why}", file=sys.stderr)
         return {c: d for c, d in found.items() if c in classnames and d}, f"file {descriptions_file}"
     if url and not model:
         raise common.UserError("--llm-url needs --llm-model (the model name the server serves)")
@@ -344,15 +395,10 @@ def class_descriptions(
 def choose_descriptions(desc_features, centres):
     """Per mismatched class, the description nearest a leftover cluster centre (§3.1); clusters go greedily, one
     per class, best cosine first. desc_features {class: [n, D]}, centres [R, D]. -> {class: (description, cluster)}"""
-    cand = sorted(
-        (
-            (float(f[i] @ centres[j]), c, i, j)
-            for c, f in desc_features.items()
-            for i in range(len(f))
-            for j in range(len(centres))
-        ),
-        reverse=True,
-    )
+    cand = []  # (cosine, class, description, cluster)
+    for c, f in desc_features.items():
+        cand += [(float(f[i] @ centres[j]), c, i, j) for i in range(len(f)) for j in range(len(centres))]
+    cand.sort(reverse=True)
     chosen = {}
     taken = set()
     for _, c, i, j in cand:
@@ -657,10 +703,8 @@ def evaluate(model, learner, tokens, dataset, device, batch_size=256):
     """Test predictions with MaPLe prompts only: every adapter is off at inference (§3.3). -> pred [M]"""
     with common.autocast(device):
         t = encode_text_maple(model, learner, tokens.to(device))  # [C, D]
-        preds = [
-            (encode_image_maple(model, learner, x.to(device)) @ t.T).argmax(1).cpu()
-            for x, _, _ in DataLoader(dataset, batch_size=batch_size)
-        ]
+        loader = DataLoader(dataset, batch_size=batch_size)
+        preds = [(encode_image_maple(model, learner, x.to(device)) @ t.T).argmax(1).cpu() for x, _, _ in loader]
     return torch.cat(preds)  # [M]
 
 
@@ -726,31 +770,26 @@ def main(argv=None):
     if args.alignment:
         t = args.mismatch_t if args.mismatch_t is not None else math.ceil(len(pseudo_classes) / 10)
         zs_pool = None if rel.no_low_t else probs[U][:, pseudo_classes].argmax(1)  # [n] ids within pseudo_classes
-        found, centres = detect_mismatch(
-            d.f_train[U],
-            W_pl[pseudo_classes],
-            zs_pool,
-            t,
-            seed=args.seed,
-            n_init=args.kmeans_restarts,
-            scale=scale,
-            fast=args.detect == "fast",
-        )
+        fast = args.detect == "fast"
+        detect_kw = {"seed": args.seed, "n_init": args.kmeans_restarts, "scale": scale, "fast": fast}
+        found, centres = detect_mismatch(d.f_train[U], W_pl[pseudo_classes], zs_pool, t, **detect_kw)
         mismatched = [pseudo_classes[i].item() for i in found]
         print(f"mismatch detection (t={t}): {[names[c] for c in mismatched] or 'none'}")
         named = load_descriptions(args.descriptions) if rel.described and args.descriptions else None
         described = mismatched if named is None else [c for c in pseudo_classes.tolist() if named.get(names[c])]
         source = "none"
         if described:
+            domain = args.domain or data.DOMAINS.get(args.data, "object")
+            shipped = data.SHIPPED_DESCRIPTIONS.get(args.data)
+            llm = {"url": args.llm_url, "model": args.llm_model, "cache_dir": args.cache_dir}
+            described_names = [names[c] for c in described]
             descriptions, source = class_descriptions(
-                [names[c] for c in described],
-                args.domain or data.DOMAINS.get(args.data, "object"),
+                described_names,
+                domain,
                 args.n_descriptions,
-                url=args.llm_url,
-                model=args.llm_model,
                 descriptions_file=args.descriptions,
-                cache_dir=args.cache_dir,
-                shipped=data.SHIPPED_DESCRIPTIONS.get(args.data),
+                shipped=shipped,
+                **llm,
             )
         desc_feats = {  # bare sentences, no template
             c: common.zero_shot_weights(model, d.tokenizer, descriptions[names[c]], ["{}"], device).cpu()
@@ -787,14 +826,9 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine(s, total, warmup=args.iters))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     tuner = PromptTuner(model, learner, tokens, adapters, opt, sched, scaler, scale)
-    ul_classes = torch.arange(C) if rel.trzsl_all else pseudo_classes  # what L_UL may pseudolabel
-    step = functools.partial(
-        train_step,
-        tuner,
-        tau=args.tau,
-        ul_classes=ul_classes.to(device),
-        weights=(float(args.main), float(args.pseudo)),
-    )
+    ul_classes = (torch.arange(C) if rel.trzsl_all else pseudo_classes).to(device)  # what L_UL may pseudolabel
+    weights = (float(args.main), float(args.pseudo))  # w_PL, w_UL: 0 in the ablations --no-main, --no-pseudo
+    step = functools.partial(train_step, tuner, tau=args.tau, ul_classes=ul_classes, weights=weights)
     extra_protos = {c.item(): L[d.y_train[L] == c][: args.n_main] for c in seen}  # TRZSL: labeled seen images
 
     # §3.2-§3.3 the epochs: M rebuilt from σ and S (zero in epoch 0), one epoch, then D_PL's expansion (§4.6)
@@ -831,14 +865,9 @@ def main(argv=None):
     pred = evaluate(model, learner, tokens, test_set, device)
     metrics = setting_metrics(pred, d.y_test, seen)
     metrics.update({f"zeroshot_{k}": v for k, v in zs.items()})
-    metrics.update(
-        pseudolabel_acc=pl_acc,
-        mask_rate=stats["mask"],
-        final_loss=stats["pl"] + stats["ul"] + stats["l"],
-        dpl_acc_final=dpl_accuracy(dpl, d.y_train),
-        dpl_acc_before_alignment=alignment["dpl_acc_before_alignment"],
-        dpl_acc_after_alignment=alignment["dpl_acc_after_alignment"],
-    )
+    metrics.update(pseudolabel_acc=pl_acc, mask_rate=stats["mask"], final_loss=loss)
+    metrics.update(dpl_acc_final=dpl_accuracy(dpl, d.y_train))
+    metrics.update({k: alignment[k] for k in ("dpl_acc_before_alignment", "dpl_acc_after_alignment")})
     prompts = {"learner": learner.state_dict(), "classnames": names, "clip_model": args.clip_model}
     common.save_atomic({**prompts, "prompt_depth": args.prompt_depth}, run.out_dir / "cap_prompts.pt")
     pseudolabels = {
