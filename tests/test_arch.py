@@ -7,7 +7,7 @@ ViT-L-14 with one image and one text forward each; one SGD step of Co-Reg's PreA
 
     python -m pytest -q tests/test_arch.py --durations=0
 
-About 20 s on 2 cores (one torch thread, tests/conftest.py), most of it building and running the three CLIPs;
+One torch thread (tests/conftest.py); most of the time goes to building and running the three CLIPs;
 ViT-L-14 (428 M parameters, 1.7 GB in float32) is built once, in its own test, and freed after it.
 """
 
