@@ -470,8 +470,8 @@ def test_progress_off_a_terminal_prints_plain_lines_not_bars(capsys):
 
 
 def test_each_top_level_module_can_be_imported_first():
-    """common, data and demo import each other (names are looked up at call time): any one may come first.
-    One interpreter; our modules are dropped from sys.modules between the imports (torch stays loaded)."""
+    """Every module imports alone, in a fresh state: common, then demo, then data, then the scripts build on one
+    another. One interpreter; our modules are dropped from sys.modules between the imports (torch stays loaded)."""
     ours = ["common", "data", "demo", "zeroshot", "cap", "coreg"]
     code = (
         f"import importlib, sys\n"
