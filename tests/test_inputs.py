@@ -366,8 +366,16 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_earlier_results(tmp_path
         "--out-dir",
         str(out),
     ]  # not --quiet: one line per epoch
+    # SIGINT as a terminal delivers it: a parent that ignores it (a pytest-xdist worker does) passes that on
     p = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         training = any(line.startswith("epoch ") for line in p.stdout)  # stops reading at the first epoch line
