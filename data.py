@@ -691,6 +691,6 @@ def prepare(args, device, keep_test_in_pool=False):
         feats[split], _ = common.encode_images(
             model, images, device, workers=args.workers, cache_file=cache, quiet=args.quiet
         )
-    return Prepared(
-        train, y_train, test, y_test, classnames, info, model, preprocess, tokenizer, str(pretrained), *feats.values()
-    )
+    f_train, f_test = feats["train"], feats["test"]  # [N, D], [M, D]
+    clip = (model, preprocess, tokenizer, str(pretrained))
+    return Prepared(train, y_train, test, y_test, classnames, info, *clip, f_train, f_test)

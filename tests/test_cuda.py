@@ -262,20 +262,6 @@ def test_kmeans_on_the_gpu_matches_the_cpu_inertia_on_random_data():
     assert abs(h_gpu[-1] - h_cpu[-1]) <= 1e-3 * h_cpu[-1], (h_cpu, h_gpu)
 
 
-def make_world(C, per, d, seed):
-    """bench/bench_detect.py's world: C classes of `per` images on the unit sphere, text near each class direction
-    except for the planted classes (max(2, C // 20)), whose text is unrelated to every image, as a wrong class name.
-    -> (image features [C*per, D], text features [C, D], planted class ids)"""
-    g = torch.Generator().manual_seed(seed)
-    means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]
-    y = torch.arange(C).repeat_interleave(per)  # [N]
-    feats = F.normalize(means[y] + 1.5 / d**0.5 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D] cos ~0.55
-    text = F.normalize(means + 1.0 / d**0.5 * torch.randn(C, d, generator=g), dim=1)  # [C, D] cos ~0.7
-    planted = torch.randperm(C, generator=g)[: max(2, C // 20)]
-    text[planted] = F.normalize(torch.randn(len(planted), d, generator=g), dim=1)
-    return feats, text, sorted(planted.tolist())
-
-
 def detect_on(device, feats, text, t, fast):
     """cap.detect_mismatch with every input on `device`. -> sorted Y_MM"""
     import cap
@@ -288,6 +274,8 @@ def detect_on(device, feats, text, t, fast):
 @needs_cuda
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 def test_mismatch_detection_on_the_gpu_finds_the_cpu_classes(fast):
+    from bench.bench_detect import make_world  # its synthetic worlds
+
     feats, text, _ = make_world(20, 40, 64, seed=0)
     t = math.ceil(20 / 10)
     assert detect_on("cuda", feats, text, t, fast) == detect_on("cpu", feats, text, t, fast)

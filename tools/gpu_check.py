@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))  # the top-level scripts, from any folder
 import cap  # noqa: E402
 import common  # noqa: E402
 import coreg  # noqa: E402
+from bench.bench_detect import make_world  # noqa: E402  (its synthetic worlds)
 
 TESTS_TIMEOUT = {"gpu": 200, "cpu": 45}  # seconds; the GPU figure leaves ~100 s of the 5 minutes to the timings
 
@@ -219,20 +220,6 @@ def time_kmeans(device, small):
         "inertia": history[-1],
         "note": f"{iters} iterations, {seconds / max(iters, 1):.3f} s each incl. seeding, inertia {history[-1]:.1f}",
     }
-
-
-def make_world(C, per, d, seed):
-    """bench/bench_detect.py's world: C classes of `per` unit image features, text near each class direction except
-    the max(2, C // 20) planted classes, whose text is unrelated to every image (a wrong class name).
-    -> (image features [C*per, D], text features [C, D], planted class ids)"""
-    g = torch.Generator().manual_seed(seed)
-    means = F.normalize(torch.randn(C, d, generator=g), dim=1)  # [C, D]
-    y = torch.arange(C).repeat_interleave(per)  # [N]
-    feats = F.normalize(means[y] + 1.5 / d**0.5 * torch.randn(len(y), d, generator=g), dim=1)  # [N, D] cos ~0.55
-    text = F.normalize(means + 1.0 / d**0.5 * torch.randn(C, d, generator=g), dim=1)  # [C, D] cos ~0.7
-    planted = torch.randperm(C, generator=g)[: max(2, C // 20)]
-    text[planted] = F.normalize(torch.randn(len(planted), d, generator=g), dim=1)
-    return feats, text, sorted(planted.tolist())
 
 
 def time_detect(device, small):
